@@ -1,0 +1,215 @@
+"""Plain-PyTorch references of the attention kernels: the definition of correct.
+
+They are also the CPU production path (``trt_gemma.ops`` picks them when there is no GPU), so they are
+vectorised: one batched matmul per sequence over all heads (per query chunk for very long prompts, to
+bound the score matrix), softmax in fp32, output in q's dtype. No Triton import here.
+
+Conventions shared with ``kernels/attention.py``:
+- Packed variable-length batches: ``cu_seqlens`` int32 ``[batch + 1]`` holds cumulative lengths.
+- A sequence may have more keys than queries (cached prefix or earlier prefill chunk): its queries are
+  the *last* ones, so query i of a sequence with Lq queries and Lk keys sits at absolute position
+  ``Lk - Lq + i``; key j sits at position j.
+- Sliding window W (only together with causal masking): position p sees keys ``p - W + 1 .. p``.
+  With ``causal=False`` the window is ignored (Gemma never needs a bidirectional window).
+- Soft-cap c replaces a score s (already multiplied by ``scale``) by ``c * tanh(s / c)``, before masking.
+- GQA/MQA: query head h reads kv head ``h // (num_heads // num_kv_heads)``.
+- FP8 (``torch.float8_e4m3fn``) K/V carry a per-tensor scale: stored = real / scale, real = stored * scale.
+- Paged caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``; a flat slot is
+  ``block * block_size + offset``; slot -1 means "skip" (padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; values are clamped so the cast never makes NaN
+
+# Upper bound on elements of one fp32 score block [kv_heads, group, q_chunk, Lk]; longer prompts are
+# processed in query chunks so an 8k-token prefill does not allocate gigabytes on CPU.
+_MAX_SCORE_ELEMENTS = 1 << 25
+
+Scale = float | torch.Tensor | None
+
+
+def _dequant(x: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """fp32 copy of x; fp8 tensors are multiplied by their per-tensor scale (1.0 when None)."""
+    x = x.float()
+    if scale is not None:
+        x = x * (scale.float() if isinstance(scale, torch.Tensor) else float(scale))
+    return x
+
+
+def _attend(
+    q: torch.Tensor,  # [Lq, num_heads, head_dim] fp32
+    k: torch.Tensor,  # [Lk, num_kv_heads, head_dim] fp32
+    v: torch.Tensor,  # [Lk, num_kv_heads, head_dim] fp32
+    *,
+    scale: float,
+    causal: bool,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:  # [Lq, num_heads, head_dim] fp32
+    """Attention of one sequence, all heads at once, queries at the last Lq of Lk positions."""
+    lq, num_heads, head_dim = q.shape
+    lk, num_kv_heads = k.shape[0], k.shape[1]
+    group = num_heads // num_kv_heads
+    out = q.new_zeros(lq, num_heads, head_dim)
+    if lq == 0 or lk == 0:
+        return out  # no keys: zeros rather than NaN
+    # [Hkv, G, Lq, D] against [Hkv, 1, D, Lk]: the group of query heads shares its kv head.
+    qh = q.permute(1, 0, 2).reshape(num_kv_heads, group, lq, head_dim)
+    kt = k.permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, Lk]
+    vh = v.permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, Lk, D]
+    k_pos = torch.arange(lk, device=q.device)
+    chunk = max(1, _MAX_SCORE_ELEMENTS // (num_heads * lk))
+    for start in range(0, lq, chunk):
+        stop = min(lq, start + chunk)
+        s = torch.matmul(qh[:, :, start:stop], kt) * scale  # [Hkv, G, chunk, Lk]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if causal:
+            q_pos = torch.arange(start, stop, device=q.device) + (lk - lq)
+            visible = k_pos[None, :] <= q_pos[:, None]
+            if sliding_window is not None:
+                visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
+            s = s.masked_fill(~visible, float("-inf"))
+        # A row with no visible key would be all -inf (NaN after softmax); make it zeros instead.
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        o = torch.matmul(p, vh)  # [Hkv, G, chunk, D]
+        out[start:stop] = o.reshape(num_heads, stop - start, head_dim).permute(1, 0, 2)
+    return out
+
+
+def prefill_attention_ref(
+    q: torch.Tensor,  # [total_q, num_heads, head_dim]
+    k: torch.Tensor,  # [total_k, num_kv_heads, head_dim] (fp8 allowed with k_scale)
+    v: torch.Tensor,  # [total_k, num_kv_heads, head_dim] (fp8 allowed with v_scale)
+    cu_seqlens_q: torch.Tensor,  # [batch + 1] int32
+    cu_seqlens_k: torch.Tensor,  # [batch + 1] int32
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+    max_seqlen_q: int | None = None,
+) -> torch.Tensor:  # [total_q, num_heads, head_dim] in q.dtype
+    """Variable-length (packed) attention over a batch of sequences.
+
+    ``max_seqlen_q`` is accepted for signature parity with the Triton launcher and ignored here.
+    """
+    del max_seqlen_q
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"num_heads ({q.shape[1]}) of q must be a multiple of num_kv_heads ({k.shape[1]}) of k"
+        )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if qe == qs:
+            continue
+        if causal and ke - ks < qe - qs:
+            raise ValueError(
+                f"cu_seqlens_k: sequence {b} has {ke - ks} keys but {qe - qs} queries; causal "
+                "attention needs at least as many keys as queries"
+            )
+        o = _attend(
+            q[qs:qe].float(),
+            _dequant(k[ks:ke], k_scale),
+            _dequant(v[ks:ke], v_scale),
+            scale=scale,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+        out[qs:qe] = o.to(q.dtype)
+    return out
+
+
+def gather_paged_kv(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [max_blocks] int32, one sequence's row
+    context_len: int,
+    start: int = 0,
+) -> torch.Tensor:  # [context_len - start, num_kv_heads, head_dim], cache dtype
+    """Tokens start .. context_len-1 of one sequence; only the blocks that hold them are read."""
+    block_size = cache.shape[1]
+    first, last = start // block_size, -(-context_len // block_size)
+    blocks = block_table[first:last].long()
+    tokens = cache[blocks].reshape(-1, *cache.shape[2:])
+    return tokens[start - first * block_size : context_len - first * block_size]
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [batch, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [batch, max_blocks] int32
+    context_lens: torch.Tensor,  # [batch] int32
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+) -> torch.Tensor:  # [batch, num_heads, head_dim] in q.dtype
+    """One decode step: each sequence's single query (at position context_len - 1, its own key
+    already written) attends to its paged cache. A zero context_len yields a zero row."""
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(
+            f"num_heads ({q.shape[1]}) of q must be a multiple of num_kv_heads "
+            f"({k_cache.shape[2]}) of k_cache"
+        )
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lens = context_lens.tolist()
+    for b, n in enumerate(lens):
+        if n <= 0:
+            continue
+        # A window only sees the last W keys: gather just those. Relative positions are unchanged
+        # (the query stays last), so _attend's masking is still right.
+        start = max(0, n - sliding_window) if sliding_window is not None else 0
+        o = _attend(
+            q[b : b + 1].float(),
+            _dequant(gather_paged_kv(k_cache, block_tables[b], n, start), k_scale),
+            _dequant(gather_paged_kv(v_cache, block_tables[b], n, start), v_scale),
+            scale=scale,
+            causal=True,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+        out[b] = o[0].to(q.dtype)
+    return out
+
+
+def quantize_fp8(x: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """x / scale clamped to the finite fp8 range, cast to float8_e4m3fn (round to nearest even)."""
+    x = x.float()
+    if scale is not None:
+        x = x / (scale.float() if isinstance(scale, torch.Tensor) else float(scale))
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def write_kv_cache_ref(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], written in place
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], written in place
+    slot_mapping: torch.Tensor,  # [num_tokens] int32/int64, block * block_size + offset, -1 = skip
+    *,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+) -> None:
+    """Store new keys/values at their flat slots; fp8 caches get value / scale, clamped."""
+    block_size = k_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    for src, cache, s in ((k[keep], k_cache, k_scale), (v[keep], v_cache, v_scale)):
+        if cache.dtype == FP8_DTYPE:
+            src = quantize_fp8(src, s)
+        cache[blocks, offsets] = src.to(cache.dtype)
