@@ -1,0 +1,174 @@
+"""The Gemma forward pass, written once for Gemma 1, 2 and 3.
+
+Generations differ only in config fields: QK-norm (Gemma 3), post-attention/post-feedforward norms
+(Gemma 2/3), attention and final logit soft-caps (Gemma 2), sliding-window layers with their own rope
+base (Gemma 2/3), linear rope scaling of global layers (Gemma 3 4B+).
+
+The model never allocates or owns a KV cache: each call receives an ``AttentionBackend`` that stores
+the new keys/values wherever its cache lives (a contiguous buffer, the runtime's paged blocks) and
+attends. Tokens of a batch are packed: ``input_ids`` and ``positions`` are ``[num_tokens]``, and the
+backend knows which tokens belong to which sequence.
+
+Weights are plain tensors or quantized weight objects (see kernels/gemm_*.py), applied through
+``ops.linear``; the model is not an nn.Module because nothing here trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from trt_gemma import ops
+from trt_gemma.config import GemmaConfig
+
+
+class AttentionBackend(Protocol):
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim], rope applied
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], rope applied
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        *,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Store k/v for the batch's new tokens, then attend each query to its sequence's keys."""
+        ...
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: Any  # fused [q+k+v, hidden] dense tensor, or a tuple (q, k, v) of weight objects
+    o: Any
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None
+    pre_ff_norm: torch.Tensor
+    post_ff_norm: torch.Tensor | None
+    gate_up: Any  # fused [2*intermediate, hidden] dense tensor, or a tuple (gate, up)
+    down: Any
+
+
+def _fuse(parts: list[Any]) -> Any:
+    """Concatenate dense weights along the output dim (one GEMM instead of several)."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0)
+    return tuple(parts)
+
+
+def _split_linear(x: torch.Tensor, weight: Any, sizes: list[int]) -> list[torch.Tensor]:
+    if isinstance(weight, tuple):
+        return [ops.linear(x, w) for w in weight]
+    return list(ops.linear(x, weight).split(sizes, dim=-1))
+
+
+class GemmaModel:
+    """Gemma decoder. Build with ``from_state_dict``; call ``forward`` then ``compute_logits``."""
+
+    def __init__(self, config: GemmaConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Any):
+        self.config = config
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head  # the embedding itself when tied
+        self.dtype = embed.dtype
+        self.device = embed.device
+        # sqrt(hidden) rounded to the activation dtype first, as the reference implementations do.
+        self.normalizer = torch.tensor(config.hidden_size**0.5, dtype=self.dtype)
+
+    @classmethod
+    def from_state_dict(cls, config: GemmaConfig, weights: dict[str, Any],
+                        dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> GemmaModel:
+        """Take canonical tensors (see checkpoint/base.py); dense ones move to dtype/device."""
+
+        def get(name: str) -> Any:
+            w = weights.pop(name)
+            if isinstance(w, torch.Tensor):
+                return w.to(device=device, dtype=dtype)
+            return w.to(device)  # quantized weight objects keep their own storage dtypes
+
+        def maybe(name: str) -> Any:
+            return get(name) if name in weights else None
+
+        weights = dict(weights)
+        layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"layers.{i}."
+            layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                qkv=_fuse([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                o=get(p + "self_attn.o_proj.weight"),
+                q_norm=maybe(p + "self_attn.q_norm.weight"),
+                k_norm=maybe(p + "self_attn.k_norm.weight"),
+                post_attn_norm=maybe(p + "post_attention_layernorm.weight"),
+                pre_ff_norm=get(p + "pre_feedforward_layernorm.weight"),
+                post_ff_norm=maybe(p + "post_feedforward_layernorm.weight"),
+                gate_up=_fuse([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                down=get(p + "mlp.down_proj.weight"),
+            ))
+        embed = get("embed_tokens.weight")
+        lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
+        return cls(config, embed, layers, get("norm.weight"), lm_head)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int
+        positions: torch.Tensor,  # [num_tokens] int, absolute position of each token
+        attention: AttentionBackend,
+    ) -> torch.Tensor:  # [num_tokens, hidden] final-normed hidden states
+        cfg = self.config
+        x = self.embed[input_ids] * self.normalizer
+        rope = {}  # (base, scaling) -> (cos, sin): computed once per forward, shared by layers
+        for i, w in enumerate(self.layers):
+            key = cfg.layer_rope(i)
+            if key not in rope:
+                rope[key] = ops.rope_cos_sin(positions, cfg.head_dim, *key, dtype=x.dtype)
+            residual = x
+            h = ops.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+            h = self._attention(i, w, h, *rope[key], attention)
+            if w.post_attn_norm is not None:
+                h = ops.rms_norm(h, w.post_attn_norm, cfg.rms_norm_eps)
+            x = residual + h
+            residual = x
+            h = ops.rms_norm(x, w.pre_ff_norm, cfg.rms_norm_eps)
+            gate, up = _split_linear(h, w.gate_up, [cfg.intermediate_size] * 2)
+            h = ops.linear(ops.gelu_tanh_and_mul(gate, up), w.down)
+            if w.post_ff_norm is not None:
+                h = ops.rms_norm(h, w.post_ff_norm, cfg.rms_norm_eps)
+            x = residual + h
+        return ops.rms_norm(x, self.final_norm, cfg.rms_norm_eps)
+
+    def _attention(self, i: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        cfg = self.config
+        n = h.shape[0]
+        q, k, v = _split_linear(h, w.qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size])
+        q = q.view(n, cfg.num_attention_heads, cfg.head_dim)
+        k = k.view(n, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
+        if w.q_norm is not None:
+            q = ops.rms_norm(q, w.q_norm, cfg.rms_norm_eps)
+            k = ops.rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+        q = ops.apply_rope(q, cos, sin)
+        k = ops.apply_rope(k, cos, sin)
+        o = attention.attend(
+            i, q, k, v,
+            scale=cfg.attention_scale,
+            sliding_window=cfg.layer_window(i),
+            softcap=cfg.attn_logit_softcapping,
+        )
+        return ops.linear(o.reshape(n, cfg.q_size), w.o)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32 logits, final soft-cap applied (Gemma 2)."""
+        logits = ops.linear(hidden, self.lm_head).float()
+        return ops.softcap(logits, self.config.final_logit_softcapping)

@@ -1,0 +1,131 @@
+"""The operations model.py calls, with the implementation chosen per device.
+
+On CUDA the Triton kernels of ``trt_gemma.kernels`` run; on CPU their plain-PyTorch references do.
+With ``TRITON_INTERPRET=1`` (set before import) the Triton kernels run on CPU under the interpreter,
+so the test suite exercises the real kernels without a GPU. The choice is made per call from the
+tensor's device, so one process can hold CPU and CUDA models.
+
+Numerics follow gemma_pytorch / transformers: RMSNorm in fp32 then ``(1 + w)``, GeGLU with the tanh
+approximation, rope cos/sin computed in fp32 and rounded to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from trt_gemma.kernels import reference
+
+
+@functools.cache
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels for CUDA tensors, and for CPU tensors under the Triton interpreter."""
+    if x.is_cuda:
+        return True
+    return _interpreting()
+
+
+@functools.cache
+def _attention_kernels():
+    from trt_gemma.kernels import attention
+
+    return attention
+
+
+# Linear layers -------------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x @ weight.T for a dense weight, or the matching GEMM for a quantized weight object.
+
+    Quantized weight formats (``Int4Weight``, ``Fp8Weight``) live beside their GEMMs in kernels/
+    and carry their own ``linear`` dispatch, so this stays one line per format.
+    """
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    return weight.linear(x)
+
+
+# Norms and activations -----------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm: normalise in fp32, multiply by (1 + weight) in fp32, round to x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU: gelu_tanh(gate) * up."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+# Rotary embeddings -------------------------------------------------------------------------
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,  # [T] int
+    head_dim: int,
+    base: float,
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, head_dim], [T, head_dim]) in dtype
+    """cos/sin of HF's rotate-half rope; linear scaling divides positions by ``scaling``."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (base ** (exponent / head_dim)) / scaling
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(
+    x: torch.Tensor,  # [T, heads, head_dim]
+    cos: torch.Tensor,  # [T, head_dim]
+    sin: torch.Tensor,  # [T, head_dim]
+) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# Attention -----------------------------------------------------------------------------------
+
+
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw) -> torch.Tensor:
+    """Varlen attention; see kernels/reference.py for the exact contract."""
+    if use_triton(q):
+        return _attention_kernels().prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+    return reference.prefill_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, **kw) -> torch.Tensor:
+    """One query per sequence against its paged KV cache."""
+    if use_triton(q):
+        return _attention_kernels().paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, **kw
+        )
+    return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, **kw)
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, **kw) -> None:
+    """Store new keys/values into their cache slots (in place)."""
+    if use_triton(k):
+        return _attention_kernels().write_kv_cache(k, v, k_cache, v_cache, slot_mapping, **kw)
+    return reference.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, **kw)
+
+
+# Logits --------------------------------------------------------------------------------------
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
