@@ -4,8 +4,8 @@ Model variants are data, not branches: a generation differs from another only in
 fields (which layers slide, which soft-caps apply, whether QK-norm and post-norms exist), so
 ``model.py`` reads fields and never asks "is this Gemma 2?".
 
-Also here: ``QuantConfig`` (what the converter did to the weights), because the engine format and the
-runtime both read it and sit below the converter.
+Also here: ``QuantConfig`` (what the converter did to the weights), because the engine format
+and the runtime both read it and sit below the converter.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class GemmaConfig:
         """Parameter count (embedding counted once when tied)."""
         h, i = self.hidden_size, self.intermediate_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
-        norms = h * (4 if self.use_post_norms else 2) + (2 * self.head_dim if self.use_qk_norm else 0)
+        norms = h * (4 if self.use_post_norms else 2)
+        norms += 2 * self.head_dim if self.use_qk_norm else 0
         per_layer = attn + 3 * h * i + norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
@@ -231,7 +232,8 @@ def _hf_rope(hf: dict[str, Any], arch: str) -> tuple[float, float, float]:
         return theta, theta if arch == "gemma2" else 1e4, scaling
     theta = float(hf.get("rope_theta", 10_000.0))
     rs = hf.get("rope_scaling") or {}
-    scaling = float(rs.get("factor", 1.0)) if rs.get("rope_type", rs.get("type")) == "linear" else 1.0
+    linear = rs.get("rope_type", rs.get("type")) == "linear"
+    scaling = float(rs.get("factor", 1.0)) if linear else 1.0
     local = theta if arch == "gemma2" else float(hf.get("rope_local_base_freq", 10_000.0))
     return theta, local, scaling
 
@@ -257,7 +259,8 @@ def _gemma2(**kw: Any) -> GemmaConfig:
     )
 
 
-def _gemma3(window: int = 1024, scaling: float = 8.0, context: int = 131072, **kw: Any) -> GemmaConfig:
+def _gemma3(window: int = 1024, scaling: float = 8.0, context: int = 131072,
+            **kw: Any) -> GemmaConfig:
     return GemmaConfig(
         architecture="gemma3", vocab_size=262144, max_position_embeddings=context,
         rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling_factor=scaling,
@@ -327,7 +330,7 @@ class QuantConfig:
             raise ConfigError(
                 f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; expected one of {KV_CACHE_DTYPES}"
             )
-        if self.group_size <= 0 or self.group_size % 32 or not math.log2(self.group_size).is_integer():
+        if self.group_size < 32 or not math.log2(self.group_size).is_integer():
             raise ConfigError(f"group_size must be a power of two >= 32, got {self.group_size}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The Gemma forward pass, written once for Gemma 1, 2 and 3.
 
 Generations differ only in config fields: QK-norm (Gemma 3), post-attention/post-feedforward norms
-(Gemma 2/3), attention and final logit soft-caps (Gemma 2), sliding-window layers with their own rope
-base (Gemma 2/3), linear rope scaling of global layers (Gemma 3 4B+).
+(Gemma 2/3), attention and final logit soft-caps (Gemma 2), sliding-window layers with their own
+rope base (Gemma 2/3), linear rope scaling of global layers (Gemma 3 4B+).
 
 The model never allocates or owns a KV cache: each call receives an ``AttentionBackend`` that stores
 the new keys/values wherever its cache lives (a contiguous buffer, the runtime's paged blocks) and

@@ -112,7 +112,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, **kw
         return _attention_kernels().paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, **kw
         )
-    return reference.paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, **kw)
+    return reference.paged_decode_attention_ref(
+        q, k_cache, v_cache, block_tables, context_lens, **kw
+    )
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, **kw) -> None:

@@ -58,7 +58,9 @@ def open_gguf_reader(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # truncated files fail while mapping tensor data
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

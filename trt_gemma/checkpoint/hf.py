@@ -27,7 +27,7 @@ def canonical_hf_name(hf_name: str, config: GemmaConfig) -> str | None:
 
 
 class HFCheckpoint(Checkpoint):
-    """Reads tensors lazily with safetensors' ``safe_open``: never unpickles, never loads whole files."""
+    """Reads tensors lazily with safetensors' ``safe_open``: never unpickles, never reads all."""
 
     def __init__(self, path: Path):
         if not path.is_dir():
