@@ -54,19 +54,16 @@ class HFCheckpoint(Checkpoint):
         for file in self._shard_files():
             if not file.exists():
                 raise CheckpointError(f"{file}: shard named in {_INDEX} is missing")
-            size = file.stat().st_size
+            # Compare the bytes the header promises with the file size first, so a truncated
+            # download is reported as such, naming the file.
+            size, end = file.stat().st_size, _data_end(file)
+            if end > size:
+                raise CheckpointError(f"{file}: truncated ({size} bytes, header needs {end})")
             try:
                 with safe_open(str(file), framework="pt") as f:
                     keys = list(f.keys())
-                    # safetensors checks offsets lazily; compare the last byte a tensor needs
-                    # with the file size so a truncated download fails here, naming the file.
-                    end = _data_end(file)
-            except CheckpointError:
-                raise
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
-            if end > size:
-                raise CheckpointError(f"{file}: truncated ({size} bytes, header needs {end})")
             for key in keys:
                 name = canonical_hf_name(key, self.config)
                 if name is not None:
