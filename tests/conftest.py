@@ -8,6 +8,12 @@ import warnings
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when kernels are defined (at import), so without a GPU it is set
+# before any test module imports them; ops.py still uses the references on CPU unless
+# TRT_GEMMA_TRITON_ON_CPU=1 is also set (see trt_gemma/ops.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REAL_MODEL = "gemma3-270m"
 
 warnings.filterwarnings("ignore", message=".*not writable.*")

@@ -70,3 +70,16 @@ def test_half_precision_stays_close(tmp_path, dtype):
     got = _logits(ours, ids)
     assert got.dtype == torch.float32
     assert (got - ref).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("variant", ["gemma2-softcap-small", "gemma3-gqa"])
+def test_model_on_triton_kernels_matches_transformers(tmp_path, variant, monkeypatch):
+    """The whole forward through ops.py's Triton path (interpreted on CPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRT_GEMMA_TRITON_ON_CPU", "1")
+    hf, ours = _ours(tmp_path, variant)
+    ids = torch.randint(3, 512, (11,), generator=torch.Generator().manual_seed(4))
+    ref = hf(ids[None]).logits[0]
+    got = _logits(ours, ids, chunks=(8, 9))
+    assert (got - ref).abs().max().item() < TOL

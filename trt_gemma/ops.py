@@ -1,9 +1,11 @@
 """The operations model.py calls, with the implementation chosen per device.
 
 On CUDA the Triton kernels of ``trt_gemma.kernels`` run; on CPU their plain-PyTorch references do.
-With ``TRITON_INTERPRET=1`` (set before import) the Triton kernels run on CPU under the interpreter,
-so the test suite exercises the real kernels without a GPU. The choice is made per call from the
-tensor's device, so one process can hold CPU and CUDA models.
+To run the real kernels on CPU, under Triton's interpreter, set both ``TRITON_INTERPRET=1`` (before
+anything imports triton) and ``TRT_GEMMA_TRITON_ON_CPU=1``. Two switches, because test suites set
+``TRITON_INTERPRET`` process-wide for the kernel tests, and interpreting a whole model is far too
+slow to happen by accident. The choice is made per call from the tensor's device, so one process
+can hold CPU and CUDA models.
 
 Numerics follow gemma_pytorch / transformers: RMSNorm in fp32 then ``(1 + w)``, GeGLU with the tanh
 approximation, rope cos/sin computed in fp32 and rounded to the activation dtype.
@@ -20,16 +22,12 @@ import torch.nn.functional as F
 from trt_gemma.kernels import reference
 
 
-@functools.cache
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def use_triton(x: torch.Tensor) -> bool:
-    """Triton kernels for CUDA tensors, and for CPU tensors under the Triton interpreter."""
+    """Triton kernels for CUDA tensors; for CPU tensors only when interpreting is asked for."""
     if x.is_cuda:
         return True
-    return _interpreting()
+    env = os.environ
+    return env.get("TRT_GEMMA_TRITON_ON_CPU") == "1" and env.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
