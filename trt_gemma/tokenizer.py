@@ -1,0 +1,555 @@
+"""Gemma's tokenizer: text <-> token ids, streaming detokenization, and the chat template.
+
+`GemmaTokenizer` wraps a Rust `tokenizers.Tokenizer`, whatever it was built from:
+
+- an HF checkpoint dir: `tokenizer.json`, or failing that the SentencePiece `tokenizer.model`;
+- a GGUF file: the vocabulary in its metadata, rebuilt into the very tokenizer transformers builds
+  (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), without importing transformers;
+- an engine dir: what `save` wrote (`tokenizer.json` + `tokenizer_meta.json`), read back by `load`.
+
+BOS: `encode` adds one (the checkpoint's `add_bos`, true for every Gemma) and the chat template
+never writes one, so `encode(apply_chat_template(messages))` starts with exactly one BOS. Text that
+itself starts with the literal "<bos>" gets a second one, exactly as HF tokenizers do: encode such
+text with `add_bos=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+END_OF_TURN = "<end_of_turn>"  # Gemma ends every chat turn with it, so generation stops there too
+
+# Token types, numbered alike by SentencePiece's ModelProto and GGUF's tokenizer.ggml.token_type.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@dataclass(frozen=True)
+class TokenizerMeta:
+    """What a model needs besides the vocabulary; stored as `tokenizer_meta.json` in engine dirs."""
+
+    bos_id: int  # prepended by encode() when add_bos
+    eos_id: int  # the checkpoint's end-of-sequence token
+    pad_id: int | None  # None when the checkpoint names no pad token
+    add_bos: bool  # whether encode() adds BOS by default (HF's add_bos_token)
+    stop_token_ids: tuple[int, ...]  # generation stops on any of these: eos, <end_of_turn>, ...
+    chat_template: str | None = None  # the checkpoint's jinja template, kept for reference only
+
+
+class GemmaTokenizer:
+    """Encode/decode for Gemma 1/2/3; build one with a `from_*` constructor or `load`."""
+
+    META_FILE = "tokenizer_meta.json"
+
+    def __init__(self, backend: Tokenizer, meta: TokenizerMeta):
+        self.backend = backend
+        self.meta = meta
+        # Ids that decode(skip_special_tokens=True) drops: the added tokens flagged special.
+        self.special_ids = frozenset(
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        )
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> GemmaTokenizer:
+        """From an HF checkpoint dir: `tokenizer.json` (preferred) or `tokenizer.model`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        if (path / "tokenizer.json").is_file():
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif (path / "tokenizer.model").is_file():
+            backend = _backend_from_sentencepiece(path / "tokenizer.model")
+        else:
+            raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model found")
+        config = _read_json_if_present(path / "tokenizer_config.json")
+        special_map = _read_json_if_present(path / "special_tokens_map.json")
+        generation = _read_json_if_present(path / "generation_config.json")
+
+        def token_id(name: str, default: str) -> int | None:
+            spelled = config.get(name) or special_map.get(name) or default
+            if isinstance(spelled, Mapping):  # {"content": "<bos>", "lstrip": false, ...}
+                spelled = spelled["content"]
+            return backend.token_to_id(spelled)
+
+        bos_id, eos_id = token_id("bos_token", "<bos>"), token_id("eos_token", "<eos>")
+        for name, value in (("bos_token", bos_id), ("eos_token", eos_id)):
+            if value is None:
+                raise ValueError(f"{path}: the {name} of tokenizer_config.json is not in the vocab")
+        extra_eos = generation.get("eos_token_id") or []  # Gemma 3 lists [1, 106]
+        extra_eos = [extra_eos] if isinstance(extra_eos, int) else list(extra_eos)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        meta = TokenizerMeta(
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=token_id("pad_token", "<pad>"),
+            add_bos=bool(config.get("add_bos_token", True)),
+            stop_token_ids=_stop_ids(backend, [eos_id, *extra_eos]),
+            chat_template=template,
+        )
+        return cls(backend, meta)
+
+    @classmethod
+    def from_gguf(cls, source) -> GemmaTokenizer:
+        """From a GGUF file's path, or a `gguf.GGUFReader` already open on one.
+
+        Builds the tokenizer transformers builds from the file's vocabulary, in ~2 s for Gemma 3's
+        262k tokens (transformers: ~25-40 s). Not cached: loading a saved tokenizer.json of that
+        size takes ~1.4 s, so a cache would save little; engine dirs keep the built one (`save`).
+        """
+        if isinstance(source, (str, os.PathLike)):
+            name, fields = str(source), _read_gguf_tokenizer_fields(Path(source))
+        else:
+            name, fields = str(getattr(source, "path", "GGUF")), _fields_from_reader(source)
+        if "tokenizer.ggml.tokens" not in fields:
+            raise ValueError(f"{name}: has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
+        arch, kind = fields.get("general.architecture"), fields.get("tokenizer.ggml.model")
+        if kind != "llama" or arch not in ("gemma", "gemma2", "gemma3"):
+            raise ValueError(
+                f"{name}: expected a Gemma SentencePiece vocabulary (tokenizer.ggml.model 'llama', "
+                f"architecture gemma/gemma2/gemma3), found {kind!r} for {arch!r}"
+            )
+        tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type")
+        if types is None or len(types) != len(tokens):
+            raise ValueError(
+                f"{name}: tokenizer.ggml.token_type does not match the {len(tokens)} tokens"
+            )
+        bos_id = fields.get("tokenizer.ggml.bos_token_id", 2)
+        eos_id = fields.get("tokenizer.ggml.eos_token_id", 1)
+        unk_id = fields.get("tokenizer.ggml.unknown_token_id", 3)
+        add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default
+        # add_space_prefix is not read: it is false for Gemma, and transformers ignores it too.
+        bos_token = tokens[bos_id] if add_bos else None
+        backend = _backend_from_vocab(tokens, types, tokens[unk_id], bos_token)
+        eot_id = fields.get("tokenizer.ggml.eot_token_id")  # llama.cpp's end-of-turn, if recorded
+        meta = TokenizerMeta(
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=fields.get("tokenizer.ggml.padding_token_id"),
+            add_bos=add_bos,
+            stop_token_ids=_stop_ids(backend, [eos_id] + ([eot_id] if eot_id is not None else [])),
+            chat_template=fields.get("tokenizer.chat_template"),
+        )
+        return cls(backend, meta)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `tokenizer.json` and `tokenizer_meta.json` into `directory` (an engine dir)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        meta = json.dumps(asdict(self.meta), indent=2, ensure_ascii=False)
+        (directory / self.META_FILE).write_text(meta + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> GemmaTokenizer:
+        """Read back what `save` wrote."""
+        directory = Path(directory)
+        tokenizer_file, meta_file = directory / "tokenizer.json", directory / cls.META_FILE
+        for file in (tokenizer_file, meta_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: missing (GemmaTokenizer.save writes it)")
+        raw = json.loads(meta_file.read_text(encoding="utf-8"))
+        expected = {"bos_id": int, "eos_id": int, "add_bos": bool, "stop_token_ids": list}
+        for field, kind in expected.items():
+            if not isinstance(raw.get(field), kind):
+                raise ValueError(f"{meta_file}: field {field!r} should be {kind.__name__}")
+        raw["stop_token_ids"] = tuple(raw["stop_token_ids"])
+        known = TokenizerMeta.__dataclass_fields__
+        meta = TokenizerMeta(**{k: v for k, v in raw.items() if k in known})
+        return cls(Tokenizer.from_file(str(tokenizer_file)), meta)
+
+    # -- the interface the runtime and server use -----------------------------------------------
+
+    @property
+    def bos_id(self) -> int:
+        return self.meta.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.meta.eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.meta.pad_id
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return frozenset(self.meta.stop_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, led by BOS when `add_bos` (None: the checkpoint's setting)."""
+        # The post-processor (if any) is bypassed so BOS handling is ours alone, for every source.
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        add_bos = self.meta.add_bos if add_bos is None else add_bos
+        return [self.meta.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = True
+    ) -> str:
+        """Gemma's chat prompt for `messages`, without BOS (encode adds it); see `render_chat`."""
+        return render_chat(messages, add_generation_prompt)
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Turns one request's generated ids into text as they arrive, one per `add`.
+
+    A character may span several byte-fallback tokens (an emoji is `<0xF0><0x9F>...`), so text is
+    only emitted once it no longer ends in U+FFFD. The window prefix..read is text already emitted,
+    decoded again so the next token's text is found by difference (decoders that treat a word's
+    first token specially then still agree with a decode of the whole). The pieces concatenate
+    to `decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: GemmaTokenizer, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0  # end of the text emitted so far
+
+    def add(self, token_id: int) -> str:
+        """The text completed by `token_id` ("" while a character is still incomplete)."""
+        if token_id in self._skip:
+            return ""
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back at the end (an incomplete character decodes as U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        def decode(ids: list[int]) -> str:  # special ids were dropped in add() if unwanted
+            return self._tokenizer.backend.decode(ids, skip_special_tokens=False)
+
+        emitted = decode(self._ids[self._prefix_offset : self._read_offset])
+        text = decode(self._ids[self._prefix_offset :])
+        if len(text) <= len(emitted) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return text[len(emitted) :]
+
+
+def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+    """Gemma's chat format, as the official Gemma 3 jinja template writes it, less the BOS.
+
+    `<start_of_turn>user\\n{text}<end_of_turn>\\n` then `<start_of_turn>model\\n...`, alternating,
+    and a leading `system` message folded into the first user turn as `{system}\\n\\n{user}`.
+    Like the official template, turn text is stripped (system text is not) and a list of text parts
+    is concatenated; unlike it, a multi-part system message keeps all its parts, and non-text parts
+    (images) are refused, since this runtime reads text only.
+    """
+    if not messages:
+        raise ValueError("chat messages: the list is empty")
+    roles = {"user": "user", "assistant": "model", "model": "model"}
+    first = 0
+    system_prefix = ""
+    if messages[0].get("role") == "system":
+        system_prefix = _message_text(messages[0], 0, strip=False) + "\n\n"
+        first = 1
+        if len(messages) == 1:
+            raise ValueError("chat messages: a system message must be followed by a user message")
+    prompt = []
+    for index in range(first, len(messages)):
+        message = messages[index]
+        role = message.get("role")
+        if role not in roles:
+            raise ValueError(
+                f"chat message {index}: unknown role {role!r} (expected system, user, assistant)"
+            )
+        expected = "user" if (index - first) % 2 == 0 else "model"
+        if roles[role] != expected:
+            raise ValueError(
+                f"chat message {index}: role {role!r} breaks the user/assistant alternation "
+                f"(expected {'user' if expected == 'user' else 'assistant'})"
+            )
+        text = _message_text(message, index, strip=True)
+        prefix = system_prefix if index == first else ""
+        prompt.append(f"<start_of_turn>{roles[role]}\n{prefix}{text}{END_OF_TURN}\n")
+    if add_generation_prompt:
+        prompt.append("<start_of_turn>model\n")
+    return "".join(prompt)
+
+
+def _message_text(message: Mapping, index: int, strip: bool) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content.strip() if strip else content
+    if not isinstance(content, list):
+        raise ValueError(f"chat message {index}: content must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"chat message {index}: only text parts are supported, got {kind!r}")
+        texts.append(part["text"].strip() if strip else part["text"])
+    return "".join(texts)
+
+
+def _stop_ids(backend: Tokenizer, eos_ids: Iterable[int]) -> tuple[int, ...]:
+    end_of_turn = backend.token_to_id(END_OF_TURN)
+    return tuple(sorted(set(eos_ids) | ({end_of_turn} if end_of_turn is not None else set())))
+
+
+def _read_json_if_present(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+# -- building from a vocabulary (GGUF metadata or SentencePiece model) --------------------------
+
+
+def _backend_from_vocab(
+    tokens: list[str], types: list[int], unk_token: str, bos_token: str | None
+) -> Tokenizer:
+    """The tokenizer transformers builds for a Gemma GGUF, without importing transformers.
+
+    Mirrors transformers' `gemma_tokenizer` + `add_gguf_special_tokens` (integrations/gguf) and
+    its `GemmaTokenizer`: byte-fallback BPE over a space->"▁" normalizer, merges rebuilt from the
+    vocabulary in file order, control tokens special, user-defined tokens kept whole.
+    """
+    # Whitespace-only tokens are stored as real spaces ("  ") but looked up as "▁▁".
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: index for index, token in enumerate(spelled)}
+    backend = Tokenizer(
+        BPE(
+            vocab,
+            _merges_in_file_order(vocab),
+            unk_token=unk_token,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    # A no-op after the normalizer, kept so the tokenizer.json equals transformers' own.
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types, strict=True)
+            if k == _CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == _USER_DEFINED and t in vocab
+        ]
+    )
+    if bos_token:  # for consumers of the saved tokenizer.json; encode() adds BOS itself
+        bos = (bos_token, vocab[bos_token])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token}:1 $B:1",
+            special_tokens=[bos],
+        )
+    return backend
+
+
+def _merges_in_file_order(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of a token into two tokens, ranked by the token's position.
+
+    The GGUF lists no merges, and Gemma's scores do not follow its merge order; transformers'
+    `generate_merges(vocab, {token: -index})` ranks by position, then longer left pieces first.
+    This yields that same list, without its sort of half a million merges.
+    """
+    merges = []
+    for token in sorted(vocab, key=vocab.__getitem__):
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    return merges
+
+
+def _backend_from_sentencepiece(model_file: Path) -> Tokenizer:
+    """Convert a Gemma SentencePiece `tokenizer.model` (BPE, byte fallback, no dummy prefix).
+
+    The file is a protobuf ModelProto, read here directly: its pieces are the same (token, type)
+    list a GGUF stores, so the GGUF recipe applies. Gemma's chat markers are user-defined in the
+    model but special in HF's tokenizer (transformers' GemmaConverter), so they are promoted.
+    """
+    pieces, model_type, normalizer = _read_sentencepiece_model(model_file)
+    if model_type != 2 or normalizer.get(3, 1) or normalizer.get(4, 1):
+        raise ValueError(
+            f"{model_file}: not a Gemma-style SentencePiece model (expected BPE with no dummy "
+            f"prefix and whitespace kept; model_type={model_type}, normalizer={normalizer})"
+        )
+    tokens = [piece for piece, _ in pieces]
+    types = [_CONTROL if p in ("<start_of_turn>", END_OF_TURN) else t for p, t in pieces]
+    unk = next((p for p, t in pieces if t == 2), "<unk>")  # 2 is UNKNOWN
+    return _backend_from_vocab(tokens, types, unk, "<bos>" if "<bos>" in tokens else None)
+
+
+def _read_sentencepiece_model(model_file: Path):
+    """`([(piece, type)], model_type, {normalizer field: value})` from a ModelProto file."""
+    data = model_file.read_bytes()
+    pieces, model_type, normalizer = [], 1, {}
+    for field, value in _protobuf_fields(data, model_file):
+        if field == 1:  # SentencePiece {1: piece, 2: score, 3: type (default NORMAL=1)}
+            piece = dict(_protobuf_fields(value, model_file))
+            pieces.append((piece[1].decode("utf-8"), piece.get(3, 1)))
+        elif field == 2:  # TrainerSpec {3: model_type}
+            model_type = dict(_protobuf_fields(value, model_file)).get(3, 1)
+        elif field == 3:  # NormalizerSpec {3: add_dummy_prefix, 4: remove_extra_whitespaces}
+            normalizer = {k: v for k, v in _protobuf_fields(value, model_file) if k in (3, 4)}
+    return pieces, model_type, normalizer
+
+
+def _protobuf_fields(data: bytes, source: Path):
+    """Yield (field number, value) of one protobuf message: ints for varints, bytes otherwise."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            wire = key & 7
+            if wire == 0:
+                value, pos = _varint(data, pos)
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                value, pos = data[pos : pos + length], pos + length
+            elif wire in (1, 5):  # fixed64 / fixed32 (scores): not needed, skipped
+                value, pos = None, pos + (8 if wire == 1 else 4)
+            else:
+                raise ValueError(f"wire type {wire}")
+            yield key >> 3, value
+    except (IndexError, ValueError) as error:
+        raise ValueError(f"{source}: not a SentencePiece model ({error})") from error
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return result, pos
+
+
+# -- GGUF metadata ------------------------------------------------------------------------------
+
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}  # GGUF value type -> struct code; 8 is string, 9 is array
+_GGUF_WANTED = ("general.architecture", "tokenizer.")  # key prefixes read; others are skipped
+
+
+def _read_gguf_tokenizer_fields(path: Path) -> dict:
+    """The architecture and `tokenizer.*` metadata of a GGUF file, without its tensors.
+
+    gguf.GGUFReader takes ~13 s on a 262k vocabulary (a numpy view per string); walking the
+    metadata with struct takes ~0.2 s.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        if blob[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic bytes)")
+        order = "<" if struct.unpack_from("<I", blob, 4)[0] < 0x10000 else ">"  # big-endian files
+        version, _, kv_count = struct.unpack_from(order + "IQQ", blob, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF v{version} is too old (v2+ expected)")
+        pos, fields = 24, {}
+        try:
+            for _ in range(kv_count):
+                key, pos = _gguf_string(blob, pos, order)
+                (value_type,) = struct.unpack_from(order + "I", blob, pos)
+                wanted = key.startswith(_GGUF_WANTED)
+                value, pos = _gguf_value(blob, pos + 4, value_type, order, wanted)
+                if wanted:
+                    fields[key] = value
+        except (struct.error, UnicodeDecodeError, KeyError) as error:
+            raise ValueError(f"{path}: corrupt GGUF metadata ({error!r})") from error
+    return fields
+
+
+def _gguf_value(blob, pos: int, value_type: int, order: str, keep: bool):
+    """One metadata value (None when not `keep`) and the offset just past it."""
+    if value_type in _GGUF_SCALARS:
+        code = order + _GGUF_SCALARS[value_type]
+        return struct.unpack_from(code, blob, pos)[0], pos + struct.calcsize(code)
+    if value_type == 8:
+        return _gguf_string(blob, pos, order)
+    if value_type != 9:
+        raise KeyError(f"value type {value_type}")
+    element_type, count = struct.unpack_from(order + "IQ", blob, pos)
+    pos += 12
+    if element_type in _GGUF_SCALARS:
+        dtype = np.dtype(_GGUF_SCALARS[element_type]).newbyteorder(order)
+        end = pos + count * dtype.itemsize
+        values = np.frombuffer(blob, dtype, count, pos).tolist() if keep else None
+        return values, end
+    values = []
+    for _ in range(count):
+        if element_type == 8 and not keep:  # walk past strings without decoding them
+            pos += 8 + struct.unpack_from(order + "Q", blob, pos)[0]
+            continue
+        value, pos = _gguf_value(blob, pos, element_type, order, keep)
+        values.append(value)
+    return (values if keep else None), pos
+
+
+def _gguf_string(blob, pos: int, order: str) -> tuple[str, int]:
+    (length,) = struct.unpack_from(order + "Q", blob, pos)
+    return blob[pos + 8 : pos + 8 + length].decode("utf-8"), pos + 8 + length
+
+
+def _fields_from_reader(reader) -> dict:
+    """The same fields as `_read_gguf_tokenizer_fields`, from an open `gguf.GGUFReader`."""
+    fields = {}
+    for key, field in reader.fields.items():
+        if not key.startswith(_GGUF_WANTED):
+            continue
+        parts = [field.parts[i] for i in field.data]  # one numpy array per element
+        if int(field.types[-1]) == 8:  # strings
+            values = [bytes(part).decode("utf-8") for part in parts]
+        else:
+            values = [part.tolist()[0] for part in parts]
+        fields[key] = values if int(field.types[0]) == 9 else values[0]  # 9 is array
+    return fields
