@@ -4,14 +4,14 @@ Semantics (positions, windows, soft-cap, GQA, FP8 scales) are defined by ``kerne
 each launcher here has the signature of its reference without the ``_ref`` suffix.
 
 - ``prefill_attention``: flash attention over packed variable-length sequences. One program per
-  (query tile, query head). Tiles are numbered ``cu_seqlens_q[b] // BLOCK_M + b`` onwards for sequence b
+  (query tile, query head). Sequence b's tiles are numbered from ``cu_seqlens_q[b] // BLOCK_M + b``
   (at most one spare tile per sequence) and found by binary search, so the grid needs no host sync.
   Key tiles wholly above the causal diagonal or below the window are never visited.
-- ``paged_decode_attention``: flash decoding. One program per (sequence, kv head, split of the visible
-  range); the GQA group of query heads (padded to >= 16 rows for ``tl.dot``) shares every K/V tile it
-  loads. A second kernel merges the splits with their log-sum-exp, so one long sequence still fills
-  the GPU. With a window only the last W positions are split, so a 4k window on a 32k context costs
-  4k, not 32k.
+- ``paged_decode_attention``: flash decoding. One program per (sequence, kv head, split of the
+  visible range); the GQA group of query heads (padded to >= 16 rows for ``tl.dot``) shares every
+  K/V tile it loads. A second kernel merges the splits with their log-sum-exp, so one long
+  sequence still fills the GPU. With a window only the last W positions are split, so a 4k window
+  on a 32k context costs 4k, not 32k.
 - ``write_kv_cache``: scatter new K/V rows to their slots, quantising to fp8 when the cache is fp8.
 
 Scores live in log2 units (``exp2`` is the fast instruction); the LSE passed between the two decode
@@ -42,9 +42,10 @@ def _soft_cap(s, softcap):
 
 @triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    # "ieee" means exact fp32 products: used for fp32 inputs, and under the Triton interpreter, which
-    # multiplies 16-bit floats as their raw integer bits; widening after any rounding to bf16/fp16
-    # keeps the interpreter's numerics those of the GPU path. On GPU, 16-bit inputs use tensor cores.
+    # "ieee" means exact fp32 products: used for fp32 inputs, and under the Triton interpreter,
+    # which multiplies 16-bit floats as their raw integer bits; widening after any rounding to
+    # bf16/fp16 keeps the interpreter's numerics those of the GPU path. On GPU, 16-bit inputs use
+    # tensor cores.
     if DOT_PRECISION == "ieee":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
@@ -52,9 +53,11 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    # s: [M, N] fp32 scores in log2 units, -inf where masked; v: [N, D]; m_i, l_i: [M]; acc: [M, D].
+    # s: [M, N] fp32 scores in log2 units, -inf where masked; v: [N, D]; m_i, l_i: [M];
+    # acc: [M, D].
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen only masked keys keeps m = -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+    # A row that has seen only masked keys keeps m = -inf: subtract 0 instead, so exp2 gives 0,
+    # not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
@@ -65,7 +68,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _scores(q, k, scale, softcap, DOT_PRECISION: tl.constexpr, USE_SOFTCAP: tl.constexpr):
-    # q: [M, D], k: [N, D] -> [M, N] fp32 scores in log2 units; scale already includes k's fp8 scale.
+    # q: [M, D], k: [N, D] -> [M, N] fp32 scores in log2 units; scale includes k's fp8 scale.
     s = _dot(q, tl.trans(k), DOT_PRECISION)
     if USE_SOFTCAP:
         return _soft_cap(s * scale, softcap) * 1.4426950408889634
@@ -317,7 +320,9 @@ def _check(name: str, t, desc: str, shape: tuple, dtypes: tuple, device: torch.d
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor {desc}, got {type(t).__name__}")
     want = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-    if t.dim() != len(shape) or any(d is not None and d != n for d, n in zip(shape, t.shape)):
+    if t.dim() != len(shape) or any(
+        d is not None and d != n for d, n in zip(shape, t.shape, strict=True)
+    ):
         raise ValueError(f"{name}: expected shape {desc} = {want}, got {list(t.shape)}")
     if t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)

@@ -1,19 +1,21 @@
 """Plain-PyTorch references of the attention kernels: the definition of correct.
 
-They are also the CPU production path (``trt_gemma.ops`` picks them when there is no GPU), so they are
-vectorised: one batched matmul per sequence over all heads (per query chunk for very long prompts, to
-bound the score matrix), softmax in fp32, output in q's dtype. No Triton import here.
+They are also the CPU production path (``trt_gemma.ops`` picks them when there is no GPU), so they
+are vectorised: batched matmuls per sequence over all heads, in query chunks that skip keys no query
+of the chunk can see, softmax in fp32, output in q's dtype. No Triton import here.
 
 Conventions shared with ``kernels/attention.py``:
 - Packed variable-length batches: ``cu_seqlens`` int32 ``[batch + 1]`` holds cumulative lengths.
-- A sequence may have more keys than queries (cached prefix or earlier prefill chunk): its queries are
-  the *last* ones, so query i of a sequence with Lq queries and Lk keys sits at absolute position
-  ``Lk - Lq + i``; key j sits at position j.
+- A sequence may have more keys than queries (cached prefix or earlier prefill chunk): its queries
+  are the *last* ones, so query i of a sequence with Lq queries and Lk keys sits at absolute
+  position ``Lk - Lq + i``; key j sits at position j.
 - Sliding window W (only together with causal masking): position p sees keys ``p - W + 1 .. p``.
   With ``causal=False`` the window is ignored (Gemma never needs a bidirectional window).
-- Soft-cap c replaces a score s (already multiplied by ``scale``) by ``c * tanh(s / c)``, before masking.
+- Soft-cap c replaces a score s (already multiplied by ``scale``) by ``c * tanh(s / c)``, before
+  masking.
 - GQA/MQA: query head h reads kv head ``h // (num_heads // num_kv_heads)``.
-- FP8 (``torch.float8_e4m3fn``) K/V carry a per-tensor scale: stored = real / scale, real = stored * scale.
+- FP8 (``torch.float8_e4m3fn``) K/V carry a per-tensor scale: stored = real / scale, so
+  real = stored * scale.
 - Paged caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``; a flat slot is
   ``block * block_size + offset``; slot -1 means "skip" (padding).
 """
@@ -28,6 +30,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn; values are clamped so the cast 
 # Upper bound on elements of one fp32 score block [kv_heads, group, q_chunk, Lk]; longer prompts are
 # processed in query chunks so an 8k-token prefill does not allocate gigabytes on CPU.
 _MAX_SCORE_ELEMENTS = 1 << 25
+# Queries per chunk at most: smaller chunks let causal/window masking skip more keys (see _attend).
+_QUERY_CHUNK = 256
 
 Scale = float | torch.Tensor | None
 
@@ -58,25 +62,36 @@ def _attend(
     if lq == 0 or lk == 0:
         return out  # no keys: zeros rather than NaN
     # [Hkv, G, Lq, D] against [Hkv, 1, D, Lk]: the group of query heads shares its kv head.
-    qh = q.permute(1, 0, 2).reshape(num_kv_heads, group, lq, head_dim)
+    # The scale is folded into q (Lq*H*D multiplies instead of Lq*H*Lk).
+    qh = (q * scale).permute(1, 0, 2).reshape(num_kv_heads, group, lq, head_dim)
     kt = k.permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, Lk]
     vh = v.permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, Lk, D]
-    k_pos = torch.arange(lk, device=q.device)
-    chunk = max(1, _MAX_SCORE_ELEMENTS // (num_heads * lk))
+    offset = lk - lq  # absolute position of query 0
+    chunk = min(_QUERY_CHUNK, max(1, _MAX_SCORE_ELEMENTS // (num_heads * lk)))
     for start in range(0, lq, chunk):
         stop = min(lq, start + chunk)
-        s = torch.matmul(qh[:, :, start:stop], kt) * scale  # [Hkv, G, chunk, Lk]
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
+        # Only keys some query of the chunk can see: up to the chunk's last query when causal, and
+        # from its first query's window start. Saves ~half the work causally, most of it in windows.
+        lo, hi = 0, lk
         if causal:
-            q_pos = torch.arange(start, stop, device=q.device) + (lk - lq)
-            visible = k_pos[None, :] <= q_pos[:, None]
+            hi = max(0, min(lk, offset + stop))
             if sliding_window is not None:
-                visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
-            s = s.masked_fill(~visible, float("-inf"))
-        # A row with no visible key would be all -inf (NaN after softmax); make it zeros instead.
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
-        o = torch.matmul(p, vh)  # [Hkv, G, chunk, D]
+                lo = min(hi, max(0, offset + start - sliding_window + 1))
+        s = torch.matmul(qh[:, :, start:stop], kt[..., lo:hi])  # [Hkv, G, chunk, hi - lo]
+        if softcap is not None:
+            s = s.div_(softcap).tanh_().mul_(softcap)
+        if causal:
+            q_pos = torch.arange(offset + start, offset + stop, device=q.device)[:, None]
+            k_pos = torch.arange(lo, hi, device=q.device)[None, :]
+            visible = k_pos <= q_pos
+            if sliding_window is not None:
+                visible &= k_pos > q_pos - sliding_window
+            s.masked_fill_(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        # A row with no visible key (impossible for valid causal input) is NaN: make it zeros.
+        if causal and not bool(visible.any(-1).all()):
+            p = p.nan_to_num_(0.0)
+        o = torch.matmul(p, vh[:, :, lo:hi])  # [Hkv, G, chunk, D]
         out[start:stop] = o.reshape(num_heads, stop - start, head_dim).permute(1, 0, 2)
     return out
 
