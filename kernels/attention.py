@@ -414,9 +414,18 @@ def prefill_attention(
         return out
     is_fp8 = k.dtype == FP8_DTYPE
     interp = dev.type != "cuda"
-    # Tiles: small under the interpreter (fast, and several tiles per test); on GPU untuned guesses
-    # that keep q, k, v tiles and the accumulator in registers/shared memory at head_dim 256.
-    block_m, block_n, warps = (16, 16, 4) if interp else (64, 64 if head_dim <= 128 else 32, 4)
+    # Tiles: small under the interpreter (fast, and several tiles per test). On GPU, untuned
+    # guesses sized to fit ~100 KB of shared memory (L4/RTX 4090 have the least): q, k, v tiles
+    # with two pipeline stages up to head_dim 128; at 256, one stage and 8 warps for the
+    # [64, 256] accumulator. fp32 (tests only) shrinks the tiles again.
+    if interp:
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    elif head_dim <= 128:
+        block_m, block_n, warps, stages = 64, 64, 4, 2
+    else:
+        block_m, block_n, warps, stages = 64, 32, 8, 1
+    if q.dtype == torch.float32 and not interp:
+        block_m, block_n = 32, 16
     grid = (total_q // block_m + batch, num_heads)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
@@ -429,7 +438,7 @@ def prefill_attention(
         SLIDING_WINDOW=int(sliding_window or 0) if causal else 0,
         USE_SOFTCAP=softcap is not None, IS_FP8=is_fp8,
         DOT_PRECISION=_dot_precision(q),
-        num_warps=warps, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -476,7 +485,8 @@ def paged_decode_attention(
     if batch == 0:
         return out
     interp = dev.type != "cuda"
-    block_n = 16 if interp else (64 if head_dim <= 128 else 32)
+    # K/V tile rows per step: [block_n, head_dim] k and v tiles, double-buffered, fit ~100 KB.
+    block_n = 16 if interp or q.dtype == torch.float32 else (64 if head_dim <= 128 else 32)
     # Longest range one query can read: the table's capacity, or the window.
     span = max(1, max_blocks * block_size)
     if sliding_window is not None:
@@ -504,7 +514,7 @@ def paged_decode_attention(
     )  # fmt: skip
     _decode_reduce_kernel[(batch, num_heads)](
         mid_o, mid_lse, out, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim), SPLITS_PAD=_pad(num_splits, 1),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pad(head_dim), SPLITS_PAD=_pad(num_splits, 2),
         num_warps=4,
     )  # fmt: skip
     return out
@@ -539,6 +549,6 @@ def write_kv_cache(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=_pad(num_kv_heads, 1), HEAD_DIM=head_dim,
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=_pad(num_kv_heads, 2), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=_pad(head_dim, 1), IS_FP8=is_fp8, num_warps=4,
     )  # fmt: skip

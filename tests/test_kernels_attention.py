@@ -22,11 +22,13 @@ if _INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
     sys.modules.pop("trt_gemma.kernels.attention", None)  # re-decorate if imported natively
 
+import importlib  # noqa: E402
 import itertools  # noqa: E402
 
 import pytest  # noqa: E402
 
-from trt_gemma.kernels import attention as attn  # noqa: E402
+# import_module, not `from ... import`: the package attribute may still hold a native import.
+attn = importlib.import_module("trt_gemma.kernels.attention")
 from trt_gemma.kernels import reference as ref  # noqa: E402
 
 if _INTERPRET:
