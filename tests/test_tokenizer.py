@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -237,11 +238,18 @@ def test_gguf_incremental_detokenization_equals_full_decode(ours):
 def test_incremental_detokenizer_holds_partial_characters(ours):
     ids = ours.encode("𓀀", add_bos=False)
     assert len(ids) == 4 and all(ours.backend.id_to_token(i).startswith("<0x") for i in ids)
+    # A run of byte tokens is decoded as a whole, so it is released with the next token...
     detok = IncrementalDetokenizer(ours)
-    assert [detok.add(i) for i in ids] == ["", "", "", "𓀀"]
+    after = ours.token_to_id("!")
+    assert [detok.add(i) for i in [*ids, after]] == ["", "", "", "", "𓀀!"]
+    assert detok.flush() == ""
+    # ...or at the end; an unfinished character comes out as U+FFFD, as decode() has it.
+    detok = IncrementalDetokenizer(ours)
+    assert [detok.add(i) for i in ids] == ["", "", "", ""]
+    assert detok.flush() == "𓀀"
     detok = IncrementalDetokenizer(ours)
     assert [detok.add(i) for i in ids[:2]] == ["", ""]
-    assert detok.flush() == "\ufffd\ufffd"  # an unfinished character is only released at the end
+    assert detok.flush() == "\ufffd\ufffd" == ours.decode(ids[:2])
 
 
 def test_incremental_detokenizer_skips_special_tokens(ours):
@@ -527,3 +535,16 @@ def test_corrupt_engine_meta_names_file_and_field(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenizer_meta.json.*bos_id"):
         GemmaTokenizer.load(tmp_path / "engine")
+
+
+def test_incremental_detokenizer_on_random_ids_equals_full_decode(ours):
+    # Model output need not be valid UTF-8: stray bytes, specials and words in any order.
+    rng = random.Random(0)
+    byte_ids = [
+        ours.token_to_id(f"<0x{b:02X}>") for b in (0x41, 0x80, 0xC3, 0xA9, 0xE2, 0xF0, 0x9F)
+    ]
+    pool = byte_ids + ours.encode("héllo 😀 world\n", add_bos=False) + [1, 2, 106]
+    for _ in range(300):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 16))]
+        for skip in (True, False):
+            assert "".join(_stream(ours, ids, skip)) == ours.decode(ids, skip), ids

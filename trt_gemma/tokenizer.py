@@ -57,6 +57,9 @@ class GemmaTokenizer:
         self.special_ids = frozenset(
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
         )
+        # Byte-fallback tokens <0x00>..<0xFF>: the detokenizer holds text while a run of them lasts.
+        byte_ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+        self.byte_ids = frozenset(i for i in byte_ids if i is not None)
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -220,11 +223,14 @@ class GemmaTokenizer:
 class IncrementalDetokenizer:
     """Turns one request's generated ids into text as they arrive, one per `add`.
 
-    A character may span several byte-fallback tokens (an emoji is `<0xF0><0x9F>...`), so text is
-    only emitted once it no longer ends in U+FFFD. The window prefix..read is text already emitted,
-    decoded again so the next token's text is found by difference (decoders that treat a word's
-    first token specially then still agree with a decode of the whole). The pieces concatenate
-    to `decode(all_ids)`.
+    A character may span several byte-fallback tokens (an emoji is `<0xF0><0x9F>...`), and the
+    decoder turns a run of byte tokens into text as a whole: valid UTF-8, or one U+FFFD per byte
+    if any byte is amiss, even bytes that looked complete alone. So text is held while the last
+    token is a byte token (a character spelled in bytes comes out with the next token, or at
+    `flush`) or while it ends in U+FFFD. The window prefix..read is text already emitted, decoded
+    again so the new text is found by difference (decoders that treat a word's first token
+    specially then still agree with a decode of the whole). The pieces concatenate to exactly
+    `decode(all_ids)`, whatever the ids.
     """
 
     def __init__(self, tokenizer: GemmaTokenizer, skip_special_tokens: bool = True):
@@ -251,7 +257,9 @@ class IncrementalDetokenizer:
 
         emitted = decode(self._ids[self._prefix_offset : self._read_offset])
         text = decode(self._ids[self._prefix_offset :])
-        if len(text) <= len(emitted) or (text.endswith("\ufffd") and not final):
+        if len(text) <= len(emitted):
+            return ""
+        if not final and (self._ids[-1] in self._tokenizer.byte_ids or text.endswith("\ufffd")):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return text[len(emitted) :]
