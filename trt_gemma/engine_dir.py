@@ -17,6 +17,9 @@ Quantized weights are stored as plain tensors. A weight passed to ``write_engine
 - ``Fp8Weight``: ``X.weight`` float8_e4m3fn [out, in], ``X.weight_scale`` fp32 [out] or [],
   ``X.input_scale`` fp32 [] (static activation scale only); see ``kernels/gemm_fp8.py``.
 
+FP8 KV-cache scales are plain fp32 scalars ``layers.{i}.self_attn.k_scale`` and ``.v_scale`` (the
+cache stores k / k_scale, see ``kernels/reference.py``), as vLLM names them.
+
 ``engine.json["weights"]["quantized"]`` records each quantized weight by its original name with
 its format (and group size), so ``Engine.load_weights`` reassembles the objects under that name.
 All parts of a weight land in one shard.
