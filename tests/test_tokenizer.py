@@ -518,8 +518,11 @@ def test_missing_files_name_the_path(tmp_path):
 
 def test_gguf_without_tokenizer_is_rejected(tmp_path):
     path = _write_gguf(tmp_path / "bare.gguf", None)
-    with pytest.raises(ValueError, match="bare.gguf"):
+    with pytest.raises(ValueError, match="bare.gguf.*no tokenizer"):
         GemmaTokenizer.from_gguf(path)
+    gguf = pytest.importorskip("gguf")
+    with pytest.raises(ValueError, match="bare.gguf.*no tokenizer"):
+        GemmaTokenizer.from_gguf(gguf.GGUFReader(str(path)))
     not_gguf = tmp_path / "fake.gguf"
     not_gguf.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match="fake.gguf"):
@@ -548,3 +551,13 @@ def test_incremental_detokenizer_on_random_ids_equals_full_decode(ours):
         ids = [rng.choice(pool) for _ in range(rng.randint(1, 16))]
         for skip in (True, False):
             assert "".join(_stream(ours, ids, skip)) == ours.decode(ids, skip), ids
+
+
+def test_corrupt_tokenizer_json_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        GemmaTokenizer.from_hf_dir(tmp_path)
+    _gemma_like_bpe(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        GemmaTokenizer.from_hf_dir(tmp_path)

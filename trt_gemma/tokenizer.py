@@ -70,7 +70,7 @@ class GemmaTokenizer:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such checkpoint directory")
         if (path / "tokenizer.json").is_file():
-            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+            backend = _read_tokenizer_json(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():
             backend = _backend_from_sentencepiece(path / "tokenizer.model")
         else:
@@ -117,7 +117,9 @@ class GemmaTokenizer:
         if isinstance(source, (str, os.PathLike)):
             name, fields = str(source), _read_gguf_tokenizer_fields(Path(source))
         else:
-            name, fields = str(getattr(source, "path", "GGUF")), _fields_from_reader(source)
+            # GGUFReader keeps its file only as the memmap's filename.
+            name = str(getattr(getattr(source, "data", None), "filename", None) or "GGUF")
+            fields = _fields_from_reader(source)
         if "tokenizer.ggml.tokens" not in fields:
             raise ValueError(f"{name}: has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
         arch, kind = fields.get("general.architecture"), fields.get("tokenizer.ggml.model")
@@ -134,6 +136,11 @@ class GemmaTokenizer:
         bos_id = fields.get("tokenizer.ggml.bos_token_id", 2)
         eos_id = fields.get("tokenizer.ggml.eos_token_id", 1)
         unk_id = fields.get("tokenizer.ggml.unknown_token_id", 3)
+        for key, value in (("bos", bos_id), ("eos", eos_id), ("unknown", unk_id)):
+            if not 0 <= value < len(tokens):
+                raise ValueError(
+                    f"{name}: tokenizer.ggml.{key}_token_id {value} is not in the vocab"
+                )
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default
         # add_space_prefix is not read: it is false for Gemma, and transformers ignores it too.
         bos_token = tokens[bos_id] if add_bos else None
@@ -165,7 +172,7 @@ class GemmaTokenizer:
         for file in (tokenizer_file, meta_file):
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: missing (GemmaTokenizer.save writes it)")
-        raw = json.loads(meta_file.read_text(encoding="utf-8"))
+        raw = _read_json_if_present(meta_file)
         expected = {"bos_id": int, "eos_id": int, "add_bos": bool, "stop_token_ids": list}
         for field, kind in expected.items():
             if not isinstance(raw.get(field), kind):
@@ -173,7 +180,7 @@ class GemmaTokenizer:
         raw["stop_token_ids"] = tuple(raw["stop_token_ids"])
         known = TokenizerMeta.__dataclass_fields__
         meta = TokenizerMeta(**{k: v for k, v in raw.items() if k in known})
-        return cls(Tokenizer.from_file(str(tokenizer_file)), meta)
+        return cls(_read_tokenizer_json(tokenizer_file), meta)
 
     # -- the interface the runtime and server use -----------------------------------------------
 
@@ -317,7 +324,10 @@ def _message_text(message: Mapping, index: int, strip: bool) -> str:
         if not isinstance(part, Mapping) or part.get("type") != "text":
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
             raise ValueError(f"chat message {index}: only text parts are supported, got {kind!r}")
-        texts.append(part["text"].strip() if strip else part["text"])
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"chat message {index}: a text part needs a string 'text'")
+        texts.append(text.strip() if strip else text)
     return "".join(texts)
 
 
@@ -326,13 +336,23 @@ def _stop_ids(backend: Tokenizer, eos_ids: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(set(eos_ids) | ({end_of_turn} if end_of_turn is not None else set())))
 
 
+def _read_tokenizer_json(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for any bad file
+        raise ValueError(f"{path}: not a valid tokenizers JSON file ({error})") from error
+
+
 def _read_json_if_present(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 # -- building from a vocabulary (GGUF metadata or SentencePiece model) --------------------------
