@@ -1,4 +1,7 @@
-"""The ``trt-gemma`` command: generate | info (build, eval and serve join as they land).
+"""The ``trt-gemma`` command: generate | info here; build | eval and serve from their packages.
+
+Each package that owns a command exposes ``add_commands(subparsers)`` (see COMMAND_MODULES), so the
+converter and the server add their subcommands without this module importing their code up front.
 
 User errors (bad paths, malformed checkpoints, invalid options) print one line and exit 2, without a
 traceback; anything else is a bug and keeps its traceback.
@@ -7,6 +10,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -14,6 +18,7 @@ import time
 from trt_gemma.errors import TrtGemmaError
 
 EXIT_USER_ERROR = 2
+COMMAND_MODULES = ("trt_gemma.build.commands", "trt_gemma.server.commands")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-verify", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub)
     return parser
 
 
