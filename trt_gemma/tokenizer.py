@@ -16,16 +16,15 @@ text with `add_bos=False`.
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from trt_gemma.gguf_file import read_gguf
 
 END_OF_TURN = "<end_of_turn>"  # Gemma ends every chat turn with it, so generation stops there too
 
@@ -492,80 +491,12 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 # -- GGUF metadata ------------------------------------------------------------------------------
 
-_GGUF_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}  # GGUF value type -> struct code; 8 is string, 9 is array
 _GGUF_WANTED = ("general.architecture", "tokenizer.")  # key prefixes read; others are skipped
 
 
 def _read_gguf_tokenizer_fields(path: Path) -> dict:
-    """The architecture and `tokenizer.*` metadata of a GGUF file, without its tensors.
-
-    gguf.GGUFReader takes ~13 s on a 262k vocabulary (a numpy view per string); walking the
-    metadata with struct takes ~0.2 s.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-        if blob[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (bad magic bytes)")
-        order = "<" if struct.unpack_from("<I", blob, 4)[0] < 0x10000 else ">"  # big-endian files
-        version, _, kv_count = struct.unpack_from(order + "IQQ", blob, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF v{version} is too old (v2+ expected)")
-        pos, fields = 24, {}
-        try:
-            for _ in range(kv_count):
-                key, pos = _gguf_string(blob, pos, order)
-                (value_type,) = struct.unpack_from(order + "I", blob, pos)
-                wanted = key.startswith(_GGUF_WANTED)
-                value, pos = _gguf_value(blob, pos + 4, value_type, order, wanted)
-                if wanted:
-                    fields[key] = value
-        except (struct.error, UnicodeDecodeError, KeyError) as error:
-            raise ValueError(f"{path}: corrupt GGUF metadata ({error!r})") from error
-    return fields
-
-
-def _gguf_value(blob, pos: int, value_type: int, order: str, keep: bool):
-    """One metadata value (None when not `keep`) and the offset just past it."""
-    if value_type in _GGUF_SCALARS:
-        code = order + _GGUF_SCALARS[value_type]
-        return struct.unpack_from(code, blob, pos)[0], pos + struct.calcsize(code)
-    if value_type == 8:
-        return _gguf_string(blob, pos, order)
-    if value_type != 9:
-        raise KeyError(f"value type {value_type}")
-    element_type, count = struct.unpack_from(order + "IQ", blob, pos)
-    pos += 12
-    if element_type in _GGUF_SCALARS:
-        dtype = np.dtype(_GGUF_SCALARS[element_type]).newbyteorder(order)
-        end = pos + count * dtype.itemsize
-        values = np.frombuffer(blob, dtype, count, pos).tolist() if keep else None
-        return values, end
-    values = []
-    for _ in range(count):
-        if element_type == 8 and not keep:  # walk past strings without decoding them
-            pos += 8 + struct.unpack_from(order + "Q", blob, pos)[0]
-            continue
-        value, pos = _gguf_value(blob, pos, element_type, order, keep)
-        values.append(value)
-    return (values if keep else None), pos
-
-
-def _gguf_string(blob, pos: int, order: str) -> tuple[str, int]:
-    (length,) = struct.unpack_from(order + "Q", blob, pos)
-    return blob[pos + 8 : pos + 8 + length].decode("utf-8"), pos + 8 + length
+    """The architecture and ``tokenizer.*`` metadata of a GGUF file, without its tensors."""
+    return read_gguf(path, keep=lambda key: key.startswith(_GGUF_WANTED)).fields
 
 
 def _fields_from_reader(reader) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from trt_gemma.checkpoint.base import Checkpoint
+from trt_gemma.gguf_file import GGUFFile, GGUFFormatError, read_gguf
 from trt_gemma.config import FULL, SLIDING, GemmaConfig
 from trt_gemma.errors import CheckpointError
 
@@ -50,54 +51,49 @@ def canonical_gguf_name(name: str) -> str | None:
     return None
 
 
-def open_gguf_reader(path: Path):
-    import gguf
+def _metadata_wanted(key: str) -> bool:
+    """Skip the big vocabulary arrays: the tokenizer reads those itself."""
+    return not key.startswith("tokenizer.") or key.endswith("_id")
 
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
+
+def open_gguf(path: Path) -> GGUFFile:
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # truncated files fail while mapping tensor data
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file ({type(e).__name__}: {e})"
-        ) from None
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+        return read_gguf(path, keep=_metadata_wanted)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except GGUFFormatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
-        self._reader = open_gguf_reader(path)
-        config = gguf_config(self._reader, path)
-        super().__init__(path, config)
+        self._file = open_gguf(path)
+        super().__init__(path, gguf_config(self._file, path))
         self._tensors = {}
-        for t in self._reader.tensors:
-            name = canonical_gguf_name(t.name)
+        for info in self._file.tensors.values():
+            name = canonical_gguf_name(info.name)
             if name is not None:
-                self._tensors[name] = t
+                self._tensors[name] = info
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
     def _read(self, name: str) -> torch.Tensor:
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        info = self._tensors[name]
+        qtype = GGMLQuantizationType(info.ggml_type)
         try:
-            data = dequantize(t.data, t.tensor_type)
+            data = dequantize(self._file.tensor_bytes(info), qtype)
         except NotImplementedError:
             raise CheckpointError(
-                f"{self.path}: tensor {t.name} uses GGUF type {t.tensor_type.name}, "
+                f"{self.path}: tensor {info.name} uses GGUF type {qtype.name}, "
                 "which cannot be dequantized"
             ) from None
         # GGUF lists dims fastest-first; numpy holds them slowest-first, i.e. [out, in].
-        tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        shape = tuple(reversed(info.shape))
+        tensor = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
         if name.endswith("norm.weight"):
             tensor = tensor - 1.0
         return tensor
@@ -108,8 +104,9 @@ class GGUFCheckpoint(Checkpoint):
         return GemmaTokenizer.from_gguf(self.path)
 
 
-def gguf_config(reader, path: Path) -> GemmaConfig:
-    arch_name = _field(reader, "general.architecture")
+def gguf_config(file: GGUFFile, path: Path) -> GemmaConfig:
+    fields = file.fields
+    arch_name = fields.get("general.architecture")
     arch = _ARCHITECTURES.get(arch_name)
     if arch is None:
         raise CheckpointError(
@@ -118,12 +115,12 @@ def gguf_config(reader, path: Path) -> GemmaConfig:
         )
 
     def get(key: str, default: Any = None) -> Any:
-        value = _field(reader, f"{arch_name}.{key}", default)
+        value = fields.get(f"{arch_name}.{key}", default)
         if value is None:
             raise CheckpointError(f"{path}: GGUF metadata {arch_name}.{key} is missing")
         return value
 
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed = file.tensors.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{path}: tensor token_embd.weight is missing")
     hidden = int(get("embedding_length"))
@@ -131,7 +128,7 @@ def gguf_config(reader, path: Path) -> GemmaConfig:
     kv_heads = int(get("attention.head_count_kv", heads))
     layers = int(get("block_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    has_output = "output.weight" in file.tensors
     common = dict(
         architecture=arch,
         vocab_size=int(embed.shape[-1]),  # GGUF shape is [hidden, vocab], fastest dim first
@@ -144,9 +141,9 @@ def gguf_config(reader, path: Path) -> GemmaConfig:
         max_position_embeddings=int(get("context_length")),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings=not has_output,
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        bos_token_id=int(fields.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_token_id=int(fields.get("tokenizer.ggml.eos_token_id", 1)),
+        pad_token_id=int(fields.get("tokenizer.ggml.padding_token_id", 0)),
     )
     theta = float(get("rope.freq_base", 10_000.0))
     if arch == "gemma":
@@ -166,7 +163,7 @@ def gguf_config(reader, path: Path) -> GemmaConfig:
         )
     # Gemma 3: five local layers (rope base 10k) then one global; llama.cpp hard-codes both.
     scaling = 1.0
-    if _field(reader, f"{arch_name}.rope.scaling.type") == "linear":
+    if fields.get(f"{arch_name}.rope.scaling.type") == "linear":
         scaling = float(get("rope.scaling.factor", 1.0))
     layer_types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(layers))
     return GemmaConfig(
