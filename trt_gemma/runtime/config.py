@@ -1,0 +1,50 @@
+"""EngineConfig: the knobs of the serving runtime (batching, KV-cache size, fast paths).
+
+Validated once, when the engine is built; every error names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trt_gemma.errors import ConfigError
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # sequences in one step at most (decodes + prefills)
+    max_num_batched_tokens: int = 2048  # new tokens in one step at most (the token budget)
+    max_model_len: int | None = None  # prompt + output tokens; None: the model's context
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU the process may fill (KV = rest)
+    kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, derived on CUDA
+    num_kv_blocks: int | None = None  # override: blocks of the full-attention pool (tests)
+    enable_prefix_caching: bool = True  # reuse KV blocks of identical prompt prefixes
+    enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    seed: int = 0  # the engine's generator, for random sampling of requests without a seed
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("block_size", self.block_size >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= self.max_num_seqs,
+             f"must be >= max_num_seqs ({self.max_num_seqs}) so every decode fits a step"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 2,
+             "must be >= 2 or None"),
+            ("gpu_memory_utilization", 0.0 < self.gpu_memory_utilization <= 1.0,
+             "must be in (0, 1]"),
+            ("kv_cache_memory", self.kv_cache_memory is None or self.kv_cache_memory > 0,
+             "must be > 0 bytes or None"),
+            ("num_kv_blocks", self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+             "must be >= 1 or None"),
+            ("cuda_graph_batch_sizes", all(b >= 1 for b in self.cuda_graph_batch_sizes),
+             "must be positive batch sizes"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"EngineConfig.{name} {why}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "cuda_graph_batch_sizes",
+                           tuple(sorted(set(self.cuda_graph_batch_sizes))))

@@ -1,0 +1,260 @@
+"""LLMEngine: requests in, outputs out, one ``step()`` at a time.
+
+``step()`` = schedule → run the model → postprocess (advance, fork n > 1 samples, sample, append,
+stop checks, free finished sequences). Not thread-safe: one thread drives it (see async_engine).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from trt_gemma.errors import ConfigError, RequestError
+from trt_gemma.model import GemmaModel
+from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
+from trt_gemma.runtime.block_manager import BlockManager, plan_groups
+from trt_gemma.runtime.config import EngineConfig
+from trt_gemma.runtime.detokenizer import TextState
+from trt_gemma.runtime.memory import kv_cache_budget
+from trt_gemma.runtime.model_runner import ModelRunner
+from trt_gemma.runtime.sampler import Sampler, TokenLogprobs
+from trt_gemma.runtime.scheduler import Scheduler
+from trt_gemma.runtime.sequence import Request, Sequence, SequenceStatus
+from trt_gemma.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics; counters are totals since the engine started."""
+
+    num_running: int  # sequences holding KV blocks
+    num_waiting: int  # sequences queued (new or preempted)
+    kv_cache_usage: float  # 0..1, share of KV blocks in use
+    num_preemptions: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_prompt_tokens: int  # prompt tokens of accepted requests
+    num_generation_tokens: int  # tokens sampled
+    num_finished_requests: int
+    num_kv_blocks: tuple[int, ...]  # blocks per KV group (full attention first)
+
+
+class LLMEngine:
+    def __init__(self, model: GemmaModel, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        mc = model.config
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ConfigError(f"EngineConfig.max_model_len {max_len} exceeds the model's "
+                              f"context of {mc.max_position_embeddings} tokens")
+        per_layer = 2 * config.block_size * mc.kv_size * model.embed.element_size()
+        groups = plan_groups(
+            mc, per_layer, kv_cache_budget(model, config), config.block_size,
+            config.max_num_seqs, config.max_num_batched_tokens, config.num_kv_blocks,
+        )
+        self.block_manager = BlockManager(groups, config.block_size, config.enable_prefix_caching)
+        # Every admitted sequence must be able to finish alone, whatever else runs.
+        self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(model, self.block_manager, config.enforce_eager,
+                                  config.cuda_graph_batch_sizes, self.max_model_len)
+        eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
+        self.sampler = Sampler(eos, model.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_finished_requests = 0
+
+    @classmethod
+    def from_source(cls, source: str, dtype="auto", device="cpu", **config) -> LLMEngine:
+        """Load a bundled name, .gguf, HF dir or engine dir and serve it."""
+        from trt_gemma.loader import load_model
+
+        model, tokenizer = load_model(source, dtype=dtype, device=device)
+        return cls(model, tokenizer, EngineConfig(**config))
+
+    # -- requests ------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     params: SamplingParams | None = None) -> Request:
+        """Validate and tokenize (no engine state touched: safe from any thread)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise RequestError(f"request {request_id}: the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"request {request_id}: prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"request {request_id}: the prompt has {len(ids)} tokens, but the context holds "
+                f"{self.max_model_len} (prompt + at least one generated token)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise RequestError("SamplingParams.stop needs a tokenizer (use stop_token_ids)")
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"SamplingParams.n ({params.n}) exceeds max_num_seqs "
+                               f"({self.config.max_num_seqs})")
+        return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, 0)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | Request,
+                    params: SamplingParams | None = None) -> None:
+        req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt,
+                                                                           params)
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+        req.arrival = next(self._arrivals)
+        seq = Sequence(next(self._seq_ids), req.request_id, 0, req.prompt_token_ids, req.params,
+                       req.arrival, len(self.block_manager.groups), self._generator(req.params, 0))
+        self._attach_text(seq)
+        seq.num_forks_pending = req.params.n - 1
+        req.seqs.append(seq)
+        self.requests[req.request_id] = req
+        self.num_prompt_tokens += len(req.prompt_token_ids)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now; its blocks are free before the next step. False if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            seq.num_forks_pending = 0
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+        self.scheduler.finish([s for s in req.seqs if not s.is_finished])
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage(), num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=bm.prefix_queried_tokens,
+            prefix_cache_hit_tokens=bm.prefix_hit_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_finished_requests=self.num_finished_requests,
+            num_kv_blocks=tuple(g.num_blocks for g in bm.groups),
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One batch: schedule, run, sample. Returns outputs of requests that progressed."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler found nothing to run for queued sequences")
+            return []
+        batch = self.runner.prepare(out)
+        logits = self.runner.run(batch)
+        self.scheduler.advance(out)
+        seqs, rows = self._fork(batch.sample_seqs)
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        sampled = self.sampler(logits, seqs)
+        finished: list[Sequence] = []
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            self._append(seq, token, lp)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        self.scheduler.finish(finished)
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+                self.num_finished_requests += 1
+        return outputs
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(self.model.device).manual_seed(params.seed + index)
+
+    def _attach_text(self, seq: Sequence) -> None:
+        if self.tokenizer is not None:
+            p = seq.params
+            seq.text = TextState(self.tokenizer, p.stop, p.skip_special_tokens)
+
+    def _fork(self, sample_seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """Samples 1..n-1 start when sample 0's prompt is computed, sharing its blocks and
+        drawing their first token from the same logits row."""
+        seqs, rows = list(sample_seqs), list(range(len(sample_seqs)))
+        for row, parent in enumerate(sample_seqs):
+            if not parent.num_forks_pending:
+                continue
+            req = self.requests[parent.request_id]
+            for index in range(1, parent.num_forks_pending + 1):
+                child = parent.fork(next(self._seq_ids), index,
+                                    self._generator(parent.params, index))
+                self._attach_text(child)
+                self.scheduler.fork(parent, child)
+                req.seqs.append(child)
+                seqs.append(child)
+                rows.append(row)
+            parent.num_forks_pending = 0
+        return seqs, rows
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        p = seq.params
+        if lp is not None:
+            seq.logprobs.append(self._logprob_entry(token, lp))
+            seq.cumulative_logprob += lp[0]
+        n = seq.num_output_tokens
+        if token in self.sampler.stop_token_ids(seq):  # masked until min_tokens by the sampler
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.text is not None and (stop := seq.text.add(token, n > p.min_tokens)):
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        ended = seq.finish_reason is not None and not isinstance(seq.stop_reason, str)
+        if ended and seq.text is not None and (stop := seq.text.finish()):
+            seq.finish_reason, seq.stop_reason = "stop", stop  # held-back text released
+
+    def _logprob_entry(self, token: int, lp: TokenLogprobs) -> dict[int, Logprob]:
+        def decoded(t: int) -> str | None:
+            if self.tokenizer is None:
+                return None
+            return self.tokenizer.decode([t], skip_special_tokens=False)
+
+        entry = {t: Logprob(t, v, rank, decoded(t)) for rank, (t, v) in enumerate(lp[2], 1)}
+        entry[token] = Logprob(token, lp[0], lp[1], decoded(token))
+        return entry
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            outs.append(CompletionOutput(
+                index=seq.index,
+                text=seq.text.visible_text if seq.text is not None else "",
+                token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            ))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+
+__all__ = ["LLMEngine", "EngineConfig", "EngineStats", "SequenceStatus"]

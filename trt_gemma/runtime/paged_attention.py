@@ -1,0 +1,160 @@
+"""The paged-KV attention backend the model calls for a scheduled batch.
+
+The batch is packed: decode tokens first (one per sequence), then prefill chunks. Per layer,
+``attend`` writes the new keys/values into their slots, then
+
+- decodes read their sequence's blocks in place (``ops.paged_decode_attention``);
+- prefill chunks attend over ``[first visible key, last query]`` of their sequence: the new keys
+  themselves when no chunk has cached context (first chunks without prefix hits), else keys
+  gathered from the cache by flat slot (earlier chunks, prefix-cache hits). Sliding layers gather
+  only the keys inside the window of the chunk's first query.
+
+All index tensors are built once per step (``AttentionMetadata``), not per layer.
+
+CPU fast path (when ``ops`` would run the PyTorch references): the decodes of a step attend in one
+batched matmul over their visible keys, gathered by flat slot and padded to the longest (masked),
+instead of the reference's loop of small per-sequence ops; keys are stored with one
+``index_copy_``. On a shared 2-core CPU, small ops are what costs: each waits for both OpenMP
+threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trt_gemma import ops
+
+
+@dataclass
+class GroupMetadata:
+    """Per KV group: where this step's tokens go and which cached tokens each query reads."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat slot of each new token (-1: skip)
+    block_tables: torch.Tensor  # [num_decodes, max_blocks] int32 (dropped blocks read as 0)
+    context_lens: torch.Tensor  # [num_decodes] int32, keys each decode query sees
+    prefill_key_slots: torch.Tensor | None  # [total_keys] int64; None: prefills use new k/v
+    cu_seqlens_k: torch.Tensor | None  # [num_prefills + 1] int32 over prefill_key_slots
+    # CPU fast path only: each decode's visible keys as flat slots, padded; mask False = padding
+    decode_key_slots: torch.Tensor | None = None  # [num_decodes, max_visible] int64
+    decode_key_mask: torch.Tensor | None = None  # [num_decodes, max_visible] bool
+
+
+@dataclass
+class AttentionMetadata:
+    num_decodes: int  # leading tokens that are single-token decodes
+    cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32 over the prefill tokens
+    groups: list[GroupMetadata]  # one per KV group
+
+
+class KVCache:
+    """The cache tensors: per group ``[num_layers_in_group, num_blocks, block_size, kv_heads,
+    head_dim]`` for keys and values, plus where each model layer lives in them."""
+
+    def __init__(self, groups, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.layer_slot: dict[int, tuple[int, int]] = {}  # model layer -> (group, index)
+        for g, group in enumerate(groups):
+            shape = (len(group.layers), group.num_blocks, block_size, num_kv_heads, head_dim)
+            # zeros, not empty: kernels multiply masked probabilities by cache contents
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            for i, layer in enumerate(group.layers):
+                self.layer_slot[layer] = (g, i)
+
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy-on-write: block src -> dst in every layer of its group."""
+        for g, src, dst in copies:
+            self.k[g][:, dst] = self.k[g][:, src]
+            self.v[g][:, dst] = self.v[g][:, src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PagedAttention:
+    """``model.AttentionBackend`` over a ``KVCache`` for one step's ``AttentionMetadata``."""
+
+    def __init__(self, cache: KVCache, meta: AttentionMetadata):
+        self.cache = cache
+        self.meta = meta
+
+    def attend(self, layer, q, k, v, *, scale, sliding_window, softcap):
+        g, i = self.cache.layer_slot[layer]
+        k_cache, v_cache = self.cache.k[g][i], self.cache.v[g][i]
+        meta, gm = self.meta, self.meta.groups[g]
+        fast = gm.decode_key_slots is not None
+        if fast and k_cache.dtype == k.dtype:
+            flat = (-1, *k_cache.shape[2:])
+            k_cache.view(flat).index_copy_(0, gm.slot_mapping, k)
+            v_cache.view(flat).index_copy_(0, gm.slot_mapping, v)
+        else:
+            ops.write_kv_cache(k, v, k_cache, v_cache, gm.slot_mapping)
+        d = meta.num_decodes
+        parts = []
+        if d and fast:
+            parts.append(_decode_cpu(q[:d], k_cache, v_cache, gm.decode_key_slots,
+                                     gm.decode_key_mask, scale, softcap))
+        elif d:
+            parts.append(ops.paged_decode_attention(
+                q[:d], k_cache, v_cache, gm.block_tables, gm.context_lens,
+                scale=scale, sliding_window=sliding_window, softcap=softcap,
+            ))
+        if q.shape[0] > d:
+            if gm.prefill_key_slots is None:
+                keys, values, cu_k = k[d:], v[d:], meta.cu_seqlens_q
+            else:
+                flat = (-1, *k_cache.shape[2:])
+                keys = k_cache.view(flat)[gm.prefill_key_slots]
+                values = v_cache.view(flat)[gm.prefill_key_slots]
+                cu_k = gm.cu_seqlens_k
+            parts.append(ops.prefill_attention(
+                q[d:], keys, values, meta.cu_seqlens_q, cu_k,
+                scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap,
+            ))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def cpu_decode_keys(
+    block_tables: torch.Tensor,  # [num_decodes, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_decodes] int32
+    block_size: int,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # slots, mask: [num_decodes, max_visible]
+    """Flat slots of the keys each decode query can see (its window only), padded with slot 0."""
+    lens = context_lens.long()
+    start = (lens - sliding_window).clamp(min=0) if sliding_window else torch.zeros_like(lens)
+    width = int((lens - start).max()) if lens.numel() else 0
+    pos = start[:, None] + torch.arange(width)[None, :]  # [D, width]
+    mask = pos < lens[:, None]
+    pos = torch.where(mask, pos, 0)
+    blocks = torch.gather(block_tables.long(), 1, pos // block_size)
+    return blocks * block_size + pos % block_size, mask
+
+
+def _decode_cpu(
+    q: torch.Tensor,  # [D, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [D, L] int64
+    mask: torch.Tensor,  # [D, L] bool
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:  # [D, num_heads, head_dim]
+    """The reference's decode math (fp32 scores and softmax), batched over sequences."""
+    d, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    flat = (-1, num_kv_heads, head_dim)
+    keys = k_cache.view(flat)[slots].float()  # [D, L, Hkv, hd]
+    values = v_cache.view(flat)[slots].float()
+    qh = (q.float() * scale).view(d, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    s = torch.matmul(qh, keys.permute(0, 2, 3, 1))  # [D, Hkv, G, L]
+    if softcap is not None:
+        s = s.div_(softcap).tanh_().mul_(softcap)
+    s.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, values.permute(0, 2, 1, 3))  # [D, Hkv, G, hd]
+    return o.reshape(d, num_heads, head_dim).to(q.dtype)

@@ -1,0 +1,162 @@
+"""Sampler: the next token of every sequence of a step, in one pass over the batch's logits.
+
+Order of processing (vLLM's): stop tokens masked until ``min_tokens`` → repetition, presence and
+frequency penalties → greedy rows take the argmax; random rows are divided by their temperature,
+filtered by top-k, top-p, min-p, and sampled. Logprobs are read after penalties and temperature,
+before the filters (see ``outputs.Logprob``).
+
+Sampling draws ``argmax(p / e)`` with ``e ~ Exp(1)`` per token (the exponential race, equivalent to
+drawing from p). A seeded sequence draws its noise from its own ``torch.Generator``, one ``[vocab]``
+draw per step, so its tokens do not depend on which other sequences share the batch.
+
+Fast path: an all-greedy batch without penalties, logprobs or pending ``min_tokens`` is one argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trt_gemma.runtime.sequence import Sequence
+
+# (sampled token's logprob, its rank (1 = most likely), top-N [(token id, logprob)])
+TokenLogprobs = tuple[float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # per row
+    logprobs: list[TokenLogprobs | None]  # per row; None where the request asked for none
+
+
+def _has_penalty(seq: Sequence) -> bool:
+    p = seq.params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: frozenset[int], device: torch.device, seed: int = 0):
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = torch.device(device)
+        # Noise of unseeded random rows: one engine-wide generator (reproducible per engine run).
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def stop_token_ids(self, seq: Sequence) -> set[int]:
+        ids = set(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos:
+            ids |= self.eos_token_ids
+        return ids
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [S, vocab] float32, modified in place
+        seqs: list[Sequence],  # the sequence each row samples for
+    ) -> SamplerOutput:
+        rows = range(len(seqs))
+        plain = [
+            s.params.temperature == 0.0 and s.params.logprobs is None and not _has_penalty(s)
+            and s.num_output_tokens >= s.params.min_tokens
+            for s in seqs
+        ]
+        if all(plain):
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
+        vocab = logits.shape[1]
+        for i in rows:
+            seq = seqs[i]
+            if seq.num_output_tokens < seq.params.min_tokens:
+                stop = [t for t in self.stop_token_ids(seq) if t < vocab]
+                if stop:
+                    logits[i, stop] = float("-inf")
+            if _has_penalty(seq):
+                _apply_penalties(logits[i], seq)
+        greedy = [s.params.temperature == 0.0 for s in seqs]
+        tokens = logits.argmax(dim=-1)
+        processed = logits  # what logprobs are read from: greedy rows keep their logits
+        random_rows = [i for i in rows if not greedy[i]]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            temps = torch.tensor([seqs[i].params.temperature for i in random_rows],
+                                 dtype=logits.dtype, device=logits.device)
+            x = logits[idx] / temps[:, None]  # [R, vocab]
+            if any(seqs[i].params.logprobs is not None for i in random_rows):
+                processed = logits.clone()
+                processed[idx] = x
+            x = self._filter(x, [seqs[i] for i in random_rows])
+            tokens[idx] = self._draw(torch.softmax(x, dim=-1), [seqs[i] for i in random_rows])
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        for i in rows:
+            n = seqs[i].params.logprobs
+            if n is not None:
+                logprobs[i] = _token_logprobs(processed[i], token_list[i], n)
+        return SamplerOutput(token_list, logprobs)
+
+    def _filter(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """top-k, then top-p, then min-p; filtered tokens get -inf. x: [R, vocab]."""
+        vocab = x.shape[1]
+        ks = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+        ps = [s.params.top_p for s in seqs]
+        sort_rows = [j for j in range(len(seqs)) if ks[j] < vocab or ps[j] < 1.0]
+        if sort_rows:
+            idx = torch.tensor(sort_rows, device=x.device)
+            sub = x[idx]
+            sorted_x, order = sub.sort(dim=-1, descending=True)
+            k = torch.tensor([ks[j] for j in sort_rows], device=x.device)
+            drop = torch.arange(vocab, device=x.device)[None, :] >= k[:, None]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            p = torch.tensor([ps[j] for j in sort_rows], dtype=x.dtype, device=x.device)
+            probs = torch.softmax(sorted_x, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = (probs.cumsum(dim=-1) - probs) > p[:, None]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x[idx] = sorted_x.scatter(1, order, sorted_x)
+        min_ps = [s.params.min_p for s in seqs]
+        if any(min_ps):
+            probs = torch.softmax(x, dim=-1)
+            m = torch.tensor(min_ps, dtype=x.dtype, device=x.device)[:, None]
+            x = x.masked_fill(probs < m * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        return x
+
+    def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row of probs [R, vocab] by the exponential race."""
+        noise = torch.empty_like(probs)
+        unseeded = [j for j, s in enumerate(seqs) if s.generator is None]
+        for j, s in enumerate(seqs):
+            if s.generator is not None:
+                noise[j].exponential_(generator=s.generator)
+        if unseeded:
+            idx = torch.tensor(unseeded, device=probs.device)
+            noise[idx] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype,
+                                     device=probs.device).exponential_(generator=self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    """In place on one [vocab] row: CTRL repetition penalty over prompt and output tokens,
+    OpenAI presence/frequency penalties over output tokens."""
+    p = seq.params
+    vocab = row.shape[0]
+    out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
+    out = out[out < vocab]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.token_ids, dtype=torch.long, device=row.device).unique()
+        seen = seen[seen < vocab]
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and out.numel():
+        counts = torch.bincount(out, minlength=vocab).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _token_logprobs(row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    lp = torch.log_softmax(row.float(), dim=-1)
+    chosen = lp[token]
+    rank = int((lp > chosen).sum()) + 1
+    top: list[tuple[int, float]] = []
+    if n:
+        values, ids = lp.topk(n)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(chosen), rank, top

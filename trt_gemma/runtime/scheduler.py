@@ -1,0 +1,165 @@
+"""Scheduler: which tokens of which sequences the next step computes.
+
+Each step fills a token budget (``max_num_batched_tokens``) under a sequence cap (``max_num_seqs``):
+
+1. Running sequences, oldest first. A decode costs one token and its budget is reserved before any
+   prefill chunk takes the rest, so a long prompt never stalls running decodes: it is prefilled in
+   chunks over several steps (chunked prefill).
+2. When a running sequence needs a block and the pools are empty, the newest running sequences
+   are preempted: their blocks are freed and they go back to the front of the waiting queue, to
+   be recomputed later (their tokens are kept; the prefix cache often still holds their blocks).
+3. Waiting sequences are admitted first come, first served, only in steps without preemption and
+   never out of order (a request that does not fit blocks the ones behind it).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from trt_gemma.runtime.block_manager import BlockManager
+from trt_gemma.runtime.config import EngineConfig
+from trt_gemma.runtime.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes. Decodes (one new token each) come first, then prefill chunks."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # per seq, tokens computed this step
+    num_decodes: int = 0  # the leading seqs that compute exactly one token
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return seq.arrival, seq.index
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()  # FCFS; preempted sequences return to the front
+        self.running: list[Sequence] = []  # sorted by arrival: the last one is the newest
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        bm = self.block_manager
+        decodes: list[Sequence] = []
+        prefills: list[tuple[Sequence, int]] = []
+        # Budget left for prefill chunks once every running decode has its token.
+        num_decoding = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
+        budget = self.config.max_num_batched_tokens - num_decoding
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            is_decode = seq.num_uncomputed_tokens == 1
+            num_new = 1 if is_decode else min(seq.num_uncomputed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not bm.can_allocate(seq, num_new):
+                victim = self.running[-1]  # the newest; never one scheduled before seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq preempted itself: everything after it is gone too
+            bm.allocate(seq, num_new)
+            if is_decode:
+                decodes.append(seq)
+            else:
+                prefills.append((seq, num_new))
+                budget -= num_new
+            i += 1
+        # What is left, now that preempted decodes no longer hold their reserved token.
+        budget = self.config.max_num_batched_tokens - len(decodes) - sum(n for _, n in prefills)
+        if not out.preempted:
+            self._admit(prefills, budget)
+        out.seqs = decodes + [s for s, _ in prefills]
+        out.num_new_tokens = [1] * len(decodes) + [n for _, n in prefills]
+        out.num_decodes = len(decodes)
+        return out
+
+    def _admit(self, prefills: list[tuple[Sequence, int]], budget: int) -> None:
+        bm = self.block_manager
+        cap = self.config.max_num_seqs
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if len(self.running) + 1 + seq.num_forks_pending > cap:
+                break
+            fresh = seq.num_computed_tokens == 0
+            if fresh:
+                bm.match_prefix(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not bm.can_allocate(seq, num_new):
+                if fresh:
+                    bm.free(seq)  # undo the prefix match; retried when blocks are free
+                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            if fresh:
+                bm.prefix_queried_tokens += seq.num_tokens
+                bm.prefix_hit_tokens += seq.num_computed_tokens
+            bm.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_order)
+            prefills.append((seq, num_new))
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Free the newest running sequence; it will be recomputed from its tokens."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # the newest is preempted first, so arrival order holds
+        out.preempted.append(seq)
+
+    # -- after the forward -----------------------------------------------------------------------
+    def advance(self, out: SchedulerOutput) -> None:
+        """The scheduled tokens are computed: record it, cache full blocks, drop dead windows."""
+        bm = self.block_manager
+        for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            bm.commit(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run child beside parent, sharing its blocks."""
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, child, key=_order)
+
+    def finish(self, seqs: list[Sequence]) -> None:
+        """Finished or aborted sequences leave at once and give their blocks back."""
+        done = set()
+        for seq in seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.free(seq)
+                done.add(id(seq))
+            elif seq.status is SequenceStatus.WAITING:
+                self.block_manager.free(seq)
+                self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]

@@ -1,0 +1,108 @@
+"""Sequence and Request: the state of one generation as the runtime sees it.
+
+A request holds ``n`` sequences (its samples). A sequence is one growing list of tokens, prompt then
+output, of which the first ``num_computed_tokens`` have their keys/values in the KV cache. Prefill,
+chunked prefill, decode and recompute after preemption are the same operation: compute the tokens
+``num_computed_tokens .. num_tokens - 1``; once all are computed, the last one's logits give the
+next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from trt_gemma.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # no KV blocks (new, or preempted to be recomputed)
+    RUNNING = "running"  # holds KV blocks; scheduled each step until finished
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One sample of a request. Mutated only by the scheduler/engine thread."""
+
+    def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival: int, num_groups: int,
+                 generator: torch.Generator | None = None):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n samples
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.arrival = arrival  # request arrival order: FCFS and "newest" for preemption
+        self.generator = generator  # per-sequence RNG of seeded requests (batch-invariant)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.block_tables: list[list[int]] = [[] for _ in range(num_groups)]  # -1: freed (window)
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
+        self.num_hashed_blocks = 0  # full computed blocks already offered to the prefix cache
+        self.num_dropped_blocks = [0] * num_groups  # leading blocks freed (out of every window)
+        self.num_forks_pending = 0  # samples still to fork from this one when its prompt is done
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.text = None  # runtime.detokenizer.TextState when the engine has a tokenizer
+
+    # -- derived ---------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def fork(self, seq_id: int, index: int, generator: torch.Generator | None) -> Sequence:
+        """A sibling with the same tokens and progress (the block manager shares its blocks)."""
+        child = Sequence(seq_id, self.request_id, index, [], self.params, self.arrival,
+                         len(self.block_tables), generator)
+        child.token_ids = list(self.token_ids)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.block_hashes = list(self.block_hashes)
+        child.status = self.status
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")
+
+
+@dataclass
+class Request:
+    """What add_request created: the prompt, its params and its sequences (one per sample)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs) and not any(
+            s.num_forks_pending for s in self.seqs
+        )
