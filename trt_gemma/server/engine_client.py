@@ -1,0 +1,136 @@
+"""EngineClient: what the HTTP layer needs from the runtime, and admission control in front of it.
+
+The server talks to ``runtime.AsyncLLMEngine`` only through this adapter: generate (with an abort
+when the consumer goes away before the request finishes), abort, liveness, stats, the tokenizer
+and the context limit. Tests substitute a fake engine with the same small surface.
+
+Admission: the engine runs at most ``max_num_seqs`` sequences and queues the rest; the server lets
+at most ``max_queue`` more sequences wait behind those. A request that would exceed
+``max_num_seqs + max_queue`` sequences in flight is refused with 503 at once, so the queue (and the
+latency of everything in it) is bounded however fast clients arrive. The count is the server's own
+(admitted, not yet ended), so a burst is judged without racing the engine thread's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from trt_gemma.outputs import RequestOutput
+from trt_gemma.sampling_params import SamplingParams
+from trt_gemma.server.errors import APIError
+
+logger = logging.getLogger("trt_gemma.server")
+
+
+class Reservation:
+    """Room for ``cost`` sequences, held from admission until the response ends (idempotent)."""
+
+    def __init__(self, client: EngineClient, cost: int):
+        self._client, self.cost, self._held = client, cost, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._client.num_in_flight -= self.cost
+
+
+class EngineClient:
+    def __init__(self, engine, tokenizer, max_model_len: int, vocab_size: int, max_num_seqs: int,
+                 max_queue: int):
+        self.engine = engine  # AsyncLLMEngine (or a test double with the same surface)
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len  # prompt + output tokens of one sequence
+        self.vocab_size = vocab_size
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.num_in_flight = 0  # sequences admitted and not yet ended
+        self.draining = False  # set at shutdown: refuse new work, report unhealthy
+
+    @classmethod
+    def from_source(cls, source: str, *, dtype: str = "auto", device: str = "cpu",
+                    verify: bool = True, max_queue: int = 256, **engine_config) -> EngineClient:
+        """Load a model and start the engine thread (it idles until requests arrive)."""
+        from trt_gemma.loader import load_model
+        from trt_gemma.runtime import AsyncLLMEngine, EngineConfig, LLMEngine
+
+        model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
+        config = EngineConfig(**engine_config)
+        engine = AsyncLLMEngine(LLMEngine(model, tokenizer, config))
+        return cls(engine, tokenizer, engine.engine.max_model_len, model.config.vocab_size,
+                   config.max_num_seqs, max_queue)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await _maybe_await(getattr(self.engine, "start", lambda: None)())
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        await _maybe_await(self.engine.shutdown())
+
+    def is_alive(self) -> bool:
+        return not self.draining and bool(self.engine.is_alive())
+
+    def stats(self):
+        """The engine's EngineStats, or None if it cannot answer (not started, or dead).
+
+        AsyncLLMEngine snapshots its stats after each step, so after the last requests were
+        aborted (no step follows) the snapshot still shows them running. When the engine holds
+        no request, its thread is idle and the LLMEngine's own numbers can be read directly.
+        """
+        try:
+            stats = self.engine.get_stats()
+            inner = getattr(self.engine, "engine", None)
+            if inner is not None and not inner.has_unfinished_requests():
+                stats = inner.get_stats()
+            return stats
+        except Exception:  # a scrape must never fail because the engine did
+            logger.exception("reading engine stats failed")
+            return None
+
+    # -- requests -------------------------------------------------------------------------------
+    def admit(self, cost: int) -> Reservation:
+        """Reserve room for ``cost`` sequences or raise 503 (server busy) / 503 (shutting down)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        limit = self.max_num_seqs + self.max_queue
+        if self.num_in_flight + cost > limit:
+            waiting = max(0, self.num_in_flight - self.max_num_seqs)
+            raise APIError(
+                503, f"the server is at capacity ({self.num_in_flight} sequences in flight, "
+                f"{waiting} waiting, --max-queue {self.max_queue}); retry later",
+                code="server_overloaded", headers={"Retry-After": "1"},
+            )
+        self.num_in_flight += cost
+        return Reservation(self, cost)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """The engine's snapshots of one request; aborted there if we stop before it finishes
+        (the consumer was cancelled, e.g. its client disconnected, or raised)."""
+        finished = False
+        try:
+            async with aclosing(self.engine.generate(prompt_ids, params, request_id)) as outputs:
+                async for output in outputs:
+                    finished = output.finished
+                    yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Synchronous on purpose: it runs in ``finally`` blocks of cancelled tasks, where a
+        further ``await`` would be cancelled again before it could do anything."""
+        try:
+            result = self.engine.abort(request_id)
+            if inspect.isawaitable(result):  # AsyncLLMEngine.abort is async: let it run alone
+                asyncio.ensure_future(result)
+        except Exception:
+            logger.exception("aborting request %s failed", request_id)
+
+
+async def _maybe_await(value):
+    return await value if inspect.isawaitable(value) else value
