@@ -60,10 +60,10 @@ def plan_groups(config: GemmaConfig, block_bytes_per_layer: int, budget_bytes: i
     if num_full_blocks is None:
         n = max(1, budget_bytes // sum(cost))  # equal counts: what one shared table would get
         capped = {i: min(n, window_cap(w)) for i, (_, w) in enumerate(layout) if w is not None}
-        spare = sum((n - c) * cost[i] for i, c in capped.items())
         uncapped = [i for i in range(len(layout)) if i not in capped]
-        if uncapped:  # give the sliding pools' spare bytes to the full pool(s)
-            n += spare // sum(cost[i] for i in uncapped)
+        if uncapped:  # the full pool(s) get every byte the sliding pools do not need
+            rest = budget_bytes - sum(c * cost[i] for i, c in capped.items())
+            n = max(1, rest // sum(cost[i] for i in uncapped))
         counts = [capped.get(i, n) for i in range(len(layout))]
     else:
         counts = [num_full_blocks if w is None else min(num_full_blocks, window_cap(w))
