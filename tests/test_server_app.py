@@ -298,6 +298,26 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function"}]}, 400),
     ("/v1/nope", {}, 404),
+    ("/v1/completions", b"null", 400),
+    ("/v1/completions", b"\xff\xfe{", 400),
+    ("/v1/completions", b"[" * 100000, 400),  # deeper than the JSON parser recurses
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400),
+    ("/v1/completions", {"prompt": ["x"] * 20}, 400),  # 20 sequences > 8 + 8 ever admitted
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [1.5]}, 400),
+    ("/v1/completions", {"prompt": "x", "stream": True,
+                         "stream_options": {"include_usage": "yes"}}, 400),
+    ("/v1/completions", {"prompt": "x", "model": ""}, 404),
+    ("/v1/chat/completions", {"messages": [None]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": 5}]}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"},
+                                           {"role": "system", "content": "b"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "a"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 1.0}, 400),
 ]
 
 
@@ -312,8 +332,12 @@ def test_malformed_requests_get_openai_errors_and_the_server_survives(fast):
             err = assert_error(r, status)
             assert r.status_code < 500, (path, body, err)
         assert_error(http.get("/v1/completions"), 405)
-        assert_error(http.post("/v1/completions", content=b"prompt=x",
-                               headers={"content-type": "text/plain"}), 400)
+        assert_error(http.get("/v1/models/other"), 404)
+        assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            r = http.post("/v1/completions", content=b"prompt=x",
+                          headers={"content-type": content_type})
+            assert_error(r, 400)
         r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1.5})
         assert r.json()["error"]["param"] == "max_tokens"
         r = http.post("/v1/completions", json={"prompt": "x", "top_p": 1.5})
@@ -401,3 +425,14 @@ def test_health_is_503_when_the_engine_is_dead():
     with serve(engine) as (url, _):
         engine.alive = False
         assert_error(httpx.get(f"{url}/health"), 503)
+
+
+def test_serve_options_are_checked_before_loading(capsys):
+    from trt_gemma.cli import main
+    from trt_gemma.server.commands import _is_loopback, default_model_name
+
+    assert main(["serve", "gemma3-270m", "--max-queue", "-1"]) == 2
+    assert "--max-queue must be >= 0" in capsys.readouterr().err
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0")
+    assert default_model_name("gemma3-270m") == "gemma3-270m"

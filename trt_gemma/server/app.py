@@ -23,6 +23,7 @@ from trt_gemma.server.engine_client import EngineClient
 from trt_gemma.server.errors import error_body, install_error_handlers
 from trt_gemma.server.metrics import ServerMetrics
 from trt_gemma.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from trt_gemma.server.serving import check_model
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token id list is ~1 MiB of JSON
 
@@ -56,6 +57,11 @@ def create_app(client: EngineClient, model_name: str, api_key: str | None = None
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=client.max_model_len)])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        check_model(model_id, model_name)
+        return ModelCard(id=model_name, max_model_len=client.max_model_len)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

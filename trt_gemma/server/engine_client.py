@@ -97,6 +97,9 @@ class EngineClient:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         limit = self.max_num_seqs + self.max_queue
+        if cost > limit:  # could never be admitted: the request's fault, not the load's
+            raise APIError(400, f"the request asks for {cost} sequences (prompts x n); this "
+                           f"server admits at most {limit} at a time", param="prompt")
         if self.num_in_flight + cost > limit:
             waiting = max(0, self.num_in_flight - self.max_num_seqs)
             raise APIError(
