@@ -52,3 +52,40 @@ def hf_real_model(real_gguf_path):
     )
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+# Tiny checkpoints with a tokenizer (for the converter, eval and export tests) ---------------
+
+
+def save_char_tokenizer(directory, vocab_size: int = 512) -> None:
+    """A character-level tokenizer.json (+ tokenizer_config.json) whose ids fit a tiny model."""
+    import json
+    import string
+
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Split
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= vocab_size
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(specials)
+    backend.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "add_bos_token": True}))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    """A tiny random Gemma 3 HF checkpoint (tests/hf_tiny.py "gemma3-gqa") with a char tokenizer."""
+    pytest.importorskip("transformers")
+    from hf_tiny import save_tiny_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny-gemma3")
+    save_tiny_checkpoint("gemma3-gqa", directory)
+    save_char_tokenizer(directory)
+    return directory

@@ -34,9 +34,11 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto",
     dtype = resolve_dtype(dtype, device)
     if is_engine_dir(source):
         from trt_gemma.engine_dir import read_engine
+        from trt_gemma.quant.runtime import prepare_for_device
 
         engine = read_engine(source, verify=verify)
         config, weights, tokenizer = engine.config, engine.load_weights(), engine.load_tokenizer()
+        weights = prepare_for_device(weights, device)  # dequantize formats without a kernel here
     else:
         from trt_gemma.checkpoint import open_checkpoint
 

@@ -1,0 +1,222 @@
+"""Turn canonical dense tensors into the tensors an engine stores, one decoder layer at a time.
+
+``quantize_tensors`` is a generator (the engine writer streams it to disk), filling a
+``QuantReport`` as it goes: per group of linears the range of the scales it chose and, for AWQ,
+the relative output error on the calibration activations of plain RTN and of AWQ, so the summary
+shows what calibration bought.
+
+Per mode (weights of one group share their input, hence one AWQ ``s`` and one activation scale):
+
+- ``fp8``: per-output-channel E4M3 weights with a static per-tensor input scale
+  ``amax(|x|) / 448`` from calibration (what TensorRT-LLM's FP8 GEMM and ``torch._scaled_mm`` take).
+- ``int4``: group-wise INT4 with zero points by round-to-nearest; no calibration.
+- ``int4-awq``: INT4 (zero points) of ``clip(W * s)`` with ``pre_quant_scale = 1 / s``: the scale
+  from ``awq_search_scales``, then each group's range from ``search_clip`` (llm-awq's auto_scale
+  and auto_clip, both judged by output error on the calibration inputs).
+
+Embeddings and norms stay dense in the activation dtype. The LM head (tied to the embedding on
+every Gemma) is quantized only with ``quantize_lm_head``; it then becomes a separate
+``lm_head.weight`` and the engine's config is untied. Its INT4 is always RTN: AWQ's search would
+multiply calibration activations by a vocabulary-sized matrix 21 times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trt_gemma.config import GemmaConfig, QuantConfig
+from trt_gemma.errors import CheckpointError
+from trt_gemma.quant import (
+    awq_search_scales,
+    fp8_activation_scale,
+    kv_cache_scale,
+    quantize_fp8,
+    quantize_int4_rtn,
+)
+from trt_gemma.quant.calibrate import CalibrationStats, LinearGroup, linear_groups
+from trt_gemma.quant.clip import search_clip
+
+AWQ_GRID = 20  # llm-awq's n_grid
+# INT4 with zero points (asymmetric), llm-awq's default: on Gemma 3 270M it halves the perplexity
+# cost of both RTN and AWQ against symmetric INT4 (docs/quantization.md).
+INT4_SYMMETRIC = False
+
+
+def needs_calibration(quant: QuantConfig) -> bool:
+    return quant.mode in ("fp8", "int4-awq") or quant.kv_cache_dtype == "fp8"
+
+
+@dataclass
+class GroupReport:
+    group: str
+    layer: int | None
+    scale_min: float  # smallest / largest weight scale (fp8: per channel; int4: per group)
+    scale_max: float
+    input_scale: float | None = None  # fp8 static activation scale
+    awq_s_min: float | None = None  # AWQ s = 1 / pre_quant_scale
+    awq_s_max: float | None = None
+    rtn_error: float | None = None  # relative output error on calibration rows, RTN
+    awq_error: float | None = None  # ... and with the AWQ scale
+
+
+@dataclass
+class QuantReport:
+    groups: list[GroupReport] = field(default_factory=list)
+    k_scales: list[float] = field(default_factory=list)
+    v_scales: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [vars(g) for g in self.groups], "k_scales": self.k_scales,
+                "v_scales": self.v_scales}
+
+    def per_layer_lines(self) -> list[str]:
+        """One summary line per layer: scale ranges, AWQ s range and error, KV scales."""
+        by_layer: dict[Any, list[GroupReport]] = {}
+        for g in self.groups:
+            by_layer.setdefault(g.layer, []).append(g)
+        lines = []
+        for layer, groups in by_layer.items():
+            name = "lm_head" if layer is None else f"layer {layer:>3}"
+            parts = [f"w-scale {min(g.scale_min for g in groups):.2e}.."
+                     f"{max(g.scale_max for g in groups):.2e}"]
+            xs = [g.input_scale for g in groups if g.input_scale is not None]
+            if xs:
+                parts.append(f"x-scale {min(xs):.2e}..{max(xs):.2e}")
+            ss = [g for g in groups if g.awq_s_min is not None]
+            if ss:
+                parts.append(f"awq s {min(g.awq_s_min for g in ss):.2f}.."
+                             f"{max(g.awq_s_max for g in ss):.2f}")
+                rtn = sum(g.rtn_error for g in ss) / len(ss)
+                awq = sum(g.awq_error for g in ss) / len(ss)
+                parts.append(f"out-err rtn {rtn:.4f} -> awq {awq:.4f}")
+            if layer is not None and self.k_scales:
+                parts.append(f"kv {self.k_scales[layer]:.2e}/{self.v_scales[layer]:.2e}")
+            lines.append(f"{name}: " + ", ".join(parts))
+        return lines
+
+
+def _check_finite(name: str, t: torch.Tensor, source: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{source}: tensor {name} holds NaN or Inf values "
+                              "(corrupted checkpoint?)")
+
+
+def _output_error(ws: list[torch.Tensor], qs: list[Any], x: torch.Tensor) -> float:
+    """``||X W.T - X Wq.T|| / ||X W.T||`` over a group's calibration rows."""
+    w = torch.cat([t.float() for t in ws])
+    wq = torch.cat([q.dequantize(torch.float32) for q in qs])
+    ref = x @ w.T
+    return float((x @ wq.T - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def _quantize_group(group: LinearGroup, ws: list[torch.Tensor], quant: QuantConfig,
+                    stats: CalibrationStats | None, dtype: torch.dtype,
+                    report: QuantReport) -> list[Any]:
+    mode, gs = quant.mode, quant.group_size
+    if mode == "fp8":
+        xs = fp8_activation_scale(stats.inputs[group.name].amax)
+        out = [quantize_fp8(w, per_channel=True, input_scale=xs) for w in ws]
+        scales = torch.cat([q.weight_scale.flatten() for q in out])
+        report.groups.append(GroupReport(group.name, group.layer, float(scales.min()),
+                                         float(scales.max()), input_scale=xs))
+        return out
+    awq = mode == "int4-awq" and group.name != "lm_head"
+    if awq:
+        x = stats.inputs[group.name].activations()
+        s = awq_search_scales(ws, x, gs, AWQ_GRID, symmetric=INT4_SYMMETRIC, scale_dtype=dtype)
+        # The GEMM multiplies x by the stored (rounded) 1/s: scale W by exactly its reciprocal.
+        pqs = (1.0 / s).to(dtype)
+        s = 1.0 / pqs.float()
+        out = []
+        for w in ws:
+            clipped = search_clip(w.float() * s, x / s, gs, symmetric=INT4_SYMMETRIC,
+                                  scale_dtype=dtype)
+            q = quantize_int4_rtn(clipped, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype)
+            out.append(dataclasses.replace(q, pre_quant_scale=pqs))
+    else:
+        out = [quantize_int4_rtn(w, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype) for w in ws]
+    scales = torch.cat([q.scales.float().flatten() for q in out])
+    rep = GroupReport(group.name, group.layer, float(scales.min()), float(scales.max()))
+    if awq:
+        rep.awq_s_min, rep.awq_s_max = float(s.min()), float(s.max())
+        rtn = [quantize_int4_rtn(w, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype) for w in ws]
+        rep.rtn_error = _output_error(ws, rtn, x)
+        rep.awq_error = _output_error(ws, out, x)
+    report.groups.append(rep)
+    return out
+
+
+def quantize_tensors(
+    config: GemmaConfig,
+    weights: dict[str, torch.Tensor],  # canonical dense tensors; entries are popped as emitted
+    quant: QuantConfig,
+    stats: CalibrationStats | None,
+    dtype: torch.dtype,
+    report: QuantReport,
+    *,
+    source: str = "checkpoint",
+    on_layer: Callable[[], None] | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """(name, tensor | Int4Weight | Fp8Weight) for the engine, in model order.
+
+    With ``quantize_lm_head`` on a tied model the caller must write the config untied (see
+    ``output_config``).
+    """
+    if needs_calibration(quant) and stats is None:
+        raise ValueError(f"quant mode {quant.mode!r} / kv {quant.kv_cache_dtype!r} needs "
+                         "calibration statistics")
+    lm_head = quant.quantize_lm_head and quant.mode != "none"
+    groups = linear_groups(config, lm_head=lm_head)
+
+    def dense(name: str) -> torch.Tensor:
+        t = weights.pop(name)
+        _check_finite(name, t, source)
+        return t.to(dtype)
+
+    embed = weights.pop("embed_tokens.weight")
+    _check_finite("embed_tokens.weight", embed, source)
+    yield "embed_tokens.weight", embed.to(dtype)
+    for i in range(config.num_hidden_layers):
+        p = f"layers.{i}."
+        layer_groups = [g for g in groups if g.layer == i]
+        grouped = {n for g in layer_groups for n in g.weights}
+        for name in sorted(n for n in weights if n.startswith(p) and n not in grouped):
+            yield name, dense(name)  # norms
+        for group in layer_groups:
+            if quant.mode == "none":
+                for name in group.weights:
+                    yield name, dense(name)
+                continue
+            ws = [weights.pop(n) for n in group.weights]
+            for n, w in zip(group.weights, ws):
+                _check_finite(n, w, source)
+            yield from zip(group.weights, _quantize_group(group, ws, quant, stats, dtype, report))
+        if quant.kv_cache_dtype == "fp8":
+            k, v = float(kv_cache_scale(stats.k_amax[i])), float(kv_cache_scale(stats.v_amax[i]))
+            report.k_scales.append(k)
+            report.v_scales.append(v)
+            yield p + "self_attn.k_scale", torch.tensor(k, dtype=torch.float32)
+            yield p + "self_attn.v_scale", torch.tensor(v, dtype=torch.float32)
+        if on_layer is not None:
+            on_layer()
+    yield "norm.weight", dense("norm.weight")
+    head = weights.pop("lm_head.weight", embed)  # untied checkpoints carry their own head
+    if lm_head:
+        _check_finite("lm_head.weight", head, source)
+        (q,) = _quantize_group(groups[-1], [head], quant, stats, dtype, report)
+        yield "lm_head.weight", q
+    elif not config.tie_word_embeddings:
+        _check_finite("lm_head.weight", head, source)
+        yield "lm_head.weight", head.to(dtype)
+
+
+def output_config(config: GemmaConfig, quant: QuantConfig) -> GemmaConfig:
+    """The engine's config: untied when the LM head is quantized apart from the embedding."""
+    if quant.quantize_lm_head and quant.mode != "none" and config.tie_word_embeddings:
+        return dataclasses.replace(config, tie_word_embeddings=False)
+    return config
