@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from runtime_helpers import CharTokenizer, greedy, make_engine, random_prompts, tiny_models
+from runtime_helpers import (  # noqa: F401 - one_thread is a fixture
+    CharTokenizer,
+    greedy,
+    make_engine,
+    one_thread,
+    random_prompts,
+    tiny_models,
+)
 
 from trt_gemma.errors import RequestError
 from trt_gemma.runtime import AsyncLLMEngine, EngineDeadError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

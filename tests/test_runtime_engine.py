@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_helpers import (
+from runtime_helpers import (  # noqa: F401 - one_thread is a fixture
     CharTokenizer,
     drain,
     generate_alone,
     greedy,
     make_engine,
+    one_thread,
     random_prompts,
     tiny_models,
 )
@@ -19,6 +20,7 @@ from trt_gemma.errors import RequestError
 from trt_gemma.sampling_params import SamplingParams
 
 VARIANTS = ["gemma1-mqa", "gemma2-gqa", "gemma3-gqa"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +225,34 @@ def test_logprobs_and_stats(tiny):
     stats = engine.get_stats()
     assert stats.num_prompt_tokens == 7 and stats.num_generation_tokens == 5
     assert stats.num_finished_requests == 1 and stats.kv_cache_usage == 0.0
+
+
+def test_greedy_head_gives_the_argmax_of_the_full_head(tiny):
+    from trt_gemma.runtime.greedy_head import GreedyHead, available
+
+    _, model = tiny("gemma2-gqa")
+    assert available(model.lm_head)
+    head = GreedyHead(model.lm_head)
+    hidden = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden *= torch.rand(64, 1) * 4  # flat and peaked rows
+    assert head(hidden) == model.compute_logits(hidden).argmax(-1).tolist()
+    # Through the engine: forced on for a small vocabulary, same tokens as the full head.
+    prompts = random_prompts([6, 13, 2], seed=11)
+    requests = [(str(i), p, greedy(15)) for i, p in enumerate(prompts)]
+    on = drain(make_engine(model, greedy_head_max_rows=8), {0: requests})
+    off = drain(make_engine(model, greedy_head_max_rows=0), {0: requests})
+    assert all(on[r].outputs[0].token_ids == off[r].outputs[0].token_ids for r in on)
+
+
+def test_int8_kernel_rounds_once_as_the_greedy_head_bound_assumes():
+    """_weight_int8pack_mm accumulates in fp32 and rounds the result to bf16 once."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 640, generator=g) * 0.05
+    scale = (w.abs().amax(1) / 127).bfloat16()
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    h = (torch.randn(5, 640, generator=g) * 3).bfloat16()
+    out = torch._weight_int8pack_mm(h, q, scale).double()
+    exact = (h.double() @ q.double().t()) * scale.double()
+    terms = (h.double().abs() @ q.double().abs().t()) * scale.double()
+    bound = exact.abs() * 2.0**-8 * 1.004 + terms * 640 * 2.0**-24
+    assert ((out - exact).abs() <= bound).all()

@@ -25,6 +25,11 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     seed: int = 0  # the engine's generator, for random sampling of requests without a seed
+    # CPU: steps whose rows are all plain greedy, up to this many, take exact argmaxes through an
+    # int8 pre-pass of the LM head (runtime/greedy_head.py); 0 = never; None = by dtype (measured
+    # on 2 cores: faster than the full head up to ~16 rows in fp32, ~4 in bf16), for vocabularies
+    # of >= 32768 tokens
+    greedy_head_max_rows: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,6 +47,9 @@ class EngineConfig:
              "must be >= 1 or None"),
             ("cuda_graph_batch_sizes", all(b >= 1 for b in self.cuda_graph_batch_sizes),
              "must be positive batch sizes"),
+            ("greedy_head_max_rows",
+             self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
+             "must be >= 0 or None"),
         ]
         for name, ok, why in checks:
             if not ok:

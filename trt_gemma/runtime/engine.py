@@ -14,12 +14,13 @@ import torch
 from trt_gemma.errors import ConfigError, RequestError
 from trt_gemma.model import GemmaModel
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
+from trt_gemma.runtime import greedy_head
 from trt_gemma.runtime.block_manager import BlockManager, plan_groups
 from trt_gemma.runtime.config import EngineConfig
 from trt_gemma.runtime.detokenizer import TextState
 from trt_gemma.runtime.memory import kv_cache_budget
 from trt_gemma.runtime.model_runner import ModelRunner
-from trt_gemma.runtime.sampler import Sampler, TokenLogprobs
+from trt_gemma.runtime.sampler import Sampler, SamplerOutput, TokenLogprobs
 from trt_gemma.runtime.scheduler import Scheduler
 from trt_gemma.runtime.sequence import Request, Sequence, SequenceStatus
 from trt_gemma.sampling_params import SamplingParams
@@ -51,7 +52,11 @@ class LLMEngine:
         if max_len > mc.max_position_embeddings:
             raise ConfigError(f"EngineConfig.max_model_len {max_len} exceeds the model's "
                               f"context of {mc.max_position_embeddings} tokens")
-        per_layer = 2 * config.block_size * mc.kv_size * model.embed.element_size()
+        # CPU keeps K/V in fp32 whatever the model's dtype: the attention math is fp32 there, and
+        # bf16 values are exact in fp32, so reads skip a conversion per layer and step.
+        cpu = model.device.type == "cpu"
+        kv_dtype = torch.float32 if cpu else model.dtype
+        per_layer = 2 * config.block_size * mc.kv_size * kv_dtype.itemsize
         groups = plan_groups(
             mc, per_layer, kv_cache_budget(model, config), config.block_size,
             config.max_num_seqs, config.max_num_batched_tokens, config.num_kv_blocks,
@@ -60,8 +65,14 @@ class LLMEngine:
         # Every admitted sequence must be able to finish alone, whatever else runs.
         self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, self.block_manager, config.enforce_eager,
+        self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len)
+        self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows
+        if self.greedy_head_max_rows is None:  # auto: CPU, big vocab; crossover by dtype
+            big = cpu and mc.vocab_size >= 32768
+            self.greedy_head_max_rows = (16 if model.dtype == torch.float32 else 4) if big else 0
+        if self.greedy_head_max_rows and greedy_head.available(model.lm_head):
+            self.greedy_head = greedy_head.GreedyHead(model.lm_head)
         eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
         self.sampler = Sampler(eos, model.device, config.seed)
         self.requests: dict[str, Request] = {}
@@ -162,12 +173,12 @@ class LLMEngine:
                 raise RuntimeError("the scheduler found nothing to run for queued sequences")
             return []
         batch = self.runner.prepare(out)
-        logits = self.runner.run(batch)
+        hidden = self.runner.run(batch)  # [rows to sample, hidden]
         self.scheduler.advance(out)
         seqs, rows = self._fork(batch.sample_seqs)
-        if len(rows) != logits.shape[0]:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        sampled = self.sampler(logits, seqs)
+        if len(rows) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        sampled = self._sample(hidden, seqs)
         finished: list[Sequence] = []
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
@@ -183,6 +194,14 @@ class LLMEngine:
                 del self.requests[req.request_id]
                 self.num_finished_requests += 1
         return outputs
+
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        if not seqs:
+            return SamplerOutput([], [])
+        if (self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows
+                and all(self.sampler.is_plain_greedy(s) for s in seqs)):
+            return SamplerOutput(self.greedy_head(hidden), [None] * len(seqs))
+        return self.sampler(self.model.compute_logits(hidden), seqs)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:

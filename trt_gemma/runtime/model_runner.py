@@ -1,8 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into tensors, runs the model, returns the logits to sample.
 
-Nothing is wasted on CPU: tokens are packed without padding, and logits (the 262144-wide LM head
-is most of Gemma 3 270M's FLOPs) are computed only for the last token of sequences that sample
-this step, never for prefill chunks that end mid-prompt.
+Nothing is wasted on CPU: tokens are packed without padding, and only the hidden states of the
+last token of sequences that sample this step come back (the 262144-wide LM head is most of Gemma 3
+270M's FLOPs): never rows of prefill chunks that end mid-prompt.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class Batch:
 
 
 class ModelRunner:
-    def __init__(self, model: GemmaModel, block_manager: BlockManager, enforce_eager: bool = True,
-                 cuda_graph_batch_sizes: tuple[int, ...] = (), max_model_len: int = 0):
+    def __init__(self, model: GemmaModel, block_manager: BlockManager, kv_dtype: torch.dtype,
+                 enforce_eager: bool = True, cuda_graph_batch_sizes: tuple[int, ...] = (),
+                 max_model_len: int = 0):
         cfg = model.config
         self.model = model
         self.device = model.device
@@ -45,7 +46,7 @@ class ModelRunner:
         self.block_size = block_manager.block_size
         self.windows = block_manager.windows
         self.kv_cache = KVCache(block_manager.groups, self.block_size, cfg.num_key_value_heads,
-                                cfg.head_dim, model.dtype, model.device)
+                                cfg.head_dim, kv_dtype, model.device)
         # Batched CPU decode attention where ops would run the per-sequence references.
         self.cpu_fast_path = not ops.use_triton(model.embed)
         self.graphs = None
@@ -112,7 +113,8 @@ class ModelRunner:
 
     # -- run ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:  # [num_samples, vocab] float32
+    def run(self, batch: Batch) -> torch.Tensor:  # [num_samples, hidden]
+        """The final hidden states of the rows to sample (logits are the caller's choice)."""
         copies = self.block_manager.pending_copies
         if copies:
             self.kv_cache.copy_blocks(copies)
@@ -122,11 +124,9 @@ class ModelRunner:
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions,
                                         PagedAttention(self.kv_cache, batch.meta))
-        if batch.logits_indices.numel() == 0:
-            return hidden.new_empty(0, self.model.config.vocab_size, dtype=torch.float32)
         if batch.logits_indices.numel() < hidden.shape[0]:
             hidden = hidden[batch.logits_indices]
-        return self.model.compute_logits(hidden)
+        return hidden
 
 
 def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -87,10 +87,10 @@ class PagedAttention:
         k_cache, v_cache = self.cache.k[g][i], self.cache.v[g][i]
         meta, gm = self.meta, self.meta.groups[g]
         fast = gm.decode_key_slots is not None
-        if fast and k_cache.dtype == k.dtype:
+        if fast and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
             flat = (-1, *k_cache.shape[2:])
-            k_cache.view(flat).index_copy_(0, gm.slot_mapping, k)
-            v_cache.view(flat).index_copy_(0, gm.slot_mapping, v)
+            k_cache.view(flat).index_copy_(0, gm.slot_mapping, k.to(k_cache.dtype))
+            v_cache.view(flat).index_copy_(0, gm.slot_mapping, v.to(v_cache.dtype))
         else:
             ops.write_kv_cache(k, v, k_cache, v_cache, gm.slot_mapping)
         d = meta.num_decodes

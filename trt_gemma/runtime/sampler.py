@@ -48,6 +48,13 @@ class Sampler:
             ids |= self.eos_token_ids
         return ids
 
+    @staticmethod
+    def is_plain_greedy(seq: Sequence) -> bool:
+        """Greedy with nothing that reads or changes the logits: argmax is all it needs."""
+        p = seq.params
+        return (p.temperature == 0.0 and p.logprobs is None and not _has_penalty(seq)
+                and seq.num_output_tokens >= p.min_tokens)
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -55,12 +62,7 @@ class Sampler:
         seqs: list[Sequence],  # the sequence each row samples for
     ) -> SamplerOutput:
         rows = range(len(seqs))
-        plain = [
-            s.params.temperature == 0.0 and s.params.logprobs is None and not _has_penalty(s)
-            and s.num_output_tokens >= s.params.min_tokens
-            for s in seqs
-        ]
-        if all(plain):
+        if all(self.is_plain_greedy(s) for s in seqs):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
         vocab = logits.shape[1]
         for i in rows:
