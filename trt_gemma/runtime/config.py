@@ -19,7 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # new tokens in one step at most (the token budget)
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context
     gpu_memory_utilization: float = 0.9  # CUDA: share of the GPU the process may fill (KV = rest)
-    kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, derived on CUDA
+    kv_cache_memory: int | None = None  # bytes of KV cache; None: 1.5 GiB on CPU, derived on CUDA
     num_kv_blocks: int | None = None  # override: blocks of the full-attention pool (tests)
     enable_prefix_caching: bool = True  # reuse KV blocks of identical prompt prefixes
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
@@ -30,6 +30,11 @@ class EngineConfig:
     # on 2 cores: faster than the full head up to ~16 rows in fp32, ~4 in bf16), for vocabularies
     # of >= 32768 tokens
     greedy_head_max_rows: int | None = None
+    # CPU: forwards of fewer tokens than this run on one intra-op thread. Their GEMMs are
+    # memory-bound GEMVs a second thread barely speeds up, and on a shared machine OpenMP's
+    # spin-waiting makes every small op of a 2-thread forward wait for a descheduled thread
+    # (measured: batch-4 decode 94 ms on 1 thread, 1.8 s on 2, under load). 0 = never.
+    cpu_single_thread_below: int = 16
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +52,7 @@ class EngineConfig:
              "must be >= 1 or None"),
             ("cuda_graph_batch_sizes", all(b >= 1 for b in self.cuda_graph_batch_sizes),
              "must be positive batch sizes"),
+            ("cpu_single_thread_below", self.cpu_single_thread_below >= 0, "must be >= 0"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),

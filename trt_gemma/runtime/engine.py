@@ -66,7 +66,8 @@ class LLMEngine:
         self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
-                                  config.cuda_graph_batch_sizes, self.max_model_len)
+                                  config.cuda_graph_batch_sizes, self.max_model_len,
+                                  config.cpu_single_thread_below)
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows
         if self.greedy_head_max_rows is None:  # auto: CPU, big vocab; crossover by dtype
             big = cpu and mc.vocab_size >= 32768
@@ -173,12 +174,13 @@ class LLMEngine:
                 raise RuntimeError("the scheduler found nothing to run for queued sequences")
             return []
         batch = self.runner.prepare(out)
-        hidden = self.runner.run(batch)  # [rows to sample, hidden]
-        self.scheduler.advance(out)
-        seqs, rows = self._fork(batch.sample_seqs)
-        if len(rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(rows, device=hidden.device)]
-        sampled = self._sample(hidden, seqs)
+        with self.runner.threads_for(out.num_tokens):
+            hidden = self.runner.run(batch)  # [rows to sample, hidden]
+            self.scheduler.advance(out)
+            seqs, rows = self._fork(batch.sample_seqs)
+            if len(rows) != hidden.shape[0]:
+                hidden = hidden[torch.tensor(rows, device=hidden.device)]
+            sampled = self._sample(hidden, seqs)
         finished: list[Sequence] = []
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):

@@ -1,6 +1,6 @@
 """How many bytes the KV cache may take.
 
-CPU: ``kv_cache_memory`` bytes (default 1 GiB). CUDA: ``gpu_memory_utilization`` of the GPU, less
+CPU: ``kv_cache_memory`` bytes (default 1.5 GiB). CUDA: ``gpu_memory_utilization`` of the GPU, less
 what is already in use (weights, other processes) and the peak of a profiling step with a full token
 budget and ``max_num_seqs`` logits rows (activations, logits, sampler temporaries). The CUDA path
 is written for H100-class GPUs but has not been run yet (no GPU where it was written).
@@ -13,7 +13,7 @@ import torch
 from trt_gemma import ops
 from trt_gemma.runtime.config import GiB, EngineConfig
 
-DEFAULT_CPU_KV_BYTES = 1 * GiB
+DEFAULT_CPU_KV_BYTES = 3 * GiB // 2  # Gemma 3 270M: a full 32k context fits, with room
 
 
 class _NoCache:

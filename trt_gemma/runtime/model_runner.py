@@ -7,6 +7,8 @@ last token of sequences that sample this step come back (the 262144-wide LM head
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from trt_gemma.model import GemmaModel
@@ -38,7 +40,7 @@ class Batch:
 class ModelRunner:
     def __init__(self, model: GemmaModel, block_manager: BlockManager, kv_dtype: torch.dtype,
                  enforce_eager: bool = True, cuda_graph_batch_sizes: tuple[int, ...] = (),
-                 max_model_len: int = 0):
+                 max_model_len: int = 0, single_thread_below: int = 0):
         cfg = model.config
         self.model = model
         self.device = model.device
@@ -49,6 +51,7 @@ class ModelRunner:
                                 cfg.head_dim, kv_dtype, model.device)
         # Batched CPU decode attention where ops would run the per-sequence references.
         self.cpu_fast_path = not ops.use_triton(model.embed)
+        self.single_thread_below = single_thread_below if self.device.type == "cpu" else 0
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
             from trt_gemma.runtime.cuda_graph import CudaGraphRunner
@@ -127,6 +130,24 @@ class ModelRunner:
         if batch.logits_indices.numel() < hidden.shape[0]:
             hidden = hidden[batch.logits_indices]
         return hidden
+
+    def threads_for(self, num_tokens: int):
+        """Context for a step of num_tokens: one intra-op thread when it is small (CPU)."""
+        return _intra_op_threads(1 if num_tokens < self.single_thread_below else None)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block on n intra-op threads (None: unchanged), then restore the count."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
