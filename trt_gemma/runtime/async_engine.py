@@ -69,6 +69,9 @@ class AsyncLLMEngine:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    # Rejected (e.g. a duplicate id) or the engine died: nothing of ours to abort,
+                    # and aborting by id would hit the other request that holds this id.
+                    finished = True
                     raise item
                 finished = item.finished
                 yield item
@@ -123,6 +126,7 @@ class AsyncLLMEngine:
                 self._wake.clear()
                 self._drain()
                 if not self.engine.has_unfinished_requests():
+                    self._stats = self.engine.get_stats()  # aborts show up while idle too
                     self._wake.wait()
                     continue
                 for out in self.engine.step():
@@ -136,6 +140,10 @@ class AsyncLLMEngine:
             self.error = e
         finally:
             self._stopping = True
+            # Requests still in the engine (also those whose abort was queued too late) give
+            # their KV blocks back: a stopped engine holds nothing.
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
             dead = EngineDeadError("the engine stopped" + (f": {self.error!r}" if self.error
                                                            else ""))
             for stream in self._streams.values():
