@@ -87,3 +87,19 @@ def test_stop_string_with_the_real_tokenizer(real, alone):
     assert texts[-1] == full_text[: full_text.index(stop)]
     assert all(stop not in t and texts[-1].startswith(t) for t in texts)
     assert engine.block_manager.all_free()
+
+
+def test_llm_generate_batches_on_the_engine(real_llm_fp32, alone):
+    from trt_gemma.errors import RequestError
+
+    llm = real_llm_fp32
+    params = [greedy(m) for m in MAX_TOKENS]
+    outs = llm.generate(PROMPTS, params, use_tqdm=True)
+    assert [o.outputs[0].token_ids for o in outs] == [alone[str(i)] for i in range(4)]
+    assert [o.prompt for o in outs] == PROMPTS and all(o.finished for o in outs)
+    with pytest.raises(RequestError):  # one bad prompt fails the call before anything runs
+        llm.generate(["fine", [2] * (llm.engine.max_model_len + 1)], greedy(2))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.all_free()
+    pieces = list(llm.stream(PROMPTS[0], greedy(MAX_TOKENS[0])))
+    assert "".join(pieces) == outs[0].outputs[0].text
