@@ -25,8 +25,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 _MAX_CANDIDATES = 1024  # more than this (a near-uniform row): compute the row's full logits
+
+# Built once per head tensor (~3 s for Gemma 3 270M) and shared by every engine on that model;
+# weak, so it goes with the model. Inference never writes the head in place.
+_CACHE = WeakIdKeyDictionary()  # keyed by tensor identity (tensors compare elementwise)
 
 
 def available(lm_head) -> bool:
@@ -45,15 +50,30 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def greedy_head_for(lm_head: torch.Tensor) -> GreedyHead:
+    derived = _CACHE.get(lm_head)  # holds no reference to the head: the key can still die
+    if derived is None:
+        derived = _CACHE[lm_head] = _derive(lm_head)
+    return GreedyHead(lm_head, derived)
+
+
+def _derive(lm_head: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The int8 head and the per-token norms the error bound needs."""
+    w = lm_head.float()
+    q, scale = _quantize(w)
+    approx = q.float() * scale.float()[:, None]
+    norm_w = w.norm(dim=1)
+    return {"q": q, "scale": scale, "norm_residual": (w - approx).norm(dim=1),
+            "norm_w": norm_w, "norm_acc": 1.01 * (approx.norm(dim=1) + norm_w)}
+
+
 class GreedyHead:
-    def __init__(self, lm_head: torch.Tensor):  # [vocab, hidden], model dtype
-        self.lm_head = lm_head
-        w = lm_head.float()
-        self.q, self.scale = _quantize(w)
-        approx = self.q.float() * self.scale.float()[:, None]
-        self.norm_residual = (w - approx).norm(dim=1)  # [vocab]
-        self.norm_w = w.norm(dim=1)
-        self.norm_acc = 1.01 * (approx.norm(dim=1) + self.norm_w)
+    def __init__(self, lm_head: torch.Tensor, derived: dict[str, torch.Tensor] | None = None):
+        self.lm_head = lm_head  # [vocab, hidden], model dtype
+        d = derived or _derive(lm_head)
+        self.q, self.scale = d["q"], d["scale"]  # [vocab, hidden] int8, [vocab] bf16
+        self.norm_residual, self.norm_w, self.norm_acc = (
+            d["norm_residual"], d["norm_w"], d["norm_acc"])  # [vocab] each
         self.gamma = lm_head.shape[1] * 2.0**-24
         self.round = 2.0**-8 * (2.02 if lm_head.dtype == torch.bfloat16 else 1.01)
 
