@@ -57,7 +57,7 @@ class BuildOptions:
     quantize_lm_head: bool = False  # quantize the (tied) LM head too, as a separate weight
     backend: str = "native"  # native engine dir | TensorRT-LLM checkpoint (+ trtllm-build)
     overwrite: bool = False  # replace an existing engine at the target
-    device: str = "cpu"  # where calibration runs
+    device: str = "cpu"  # where calibration and the quantization math run
 
     def __post_init__(self) -> None:
         QuantConfig(mode=self.quant or "none", group_size=self.group_size,
@@ -234,7 +234,8 @@ def build_engine(
     n_layers = config.num_hidden_layers
     with _bar(n_layers, f"quantizing ({quant.mode}) + writing", "layer", progress) as bar:
         tensors = quantize_tensors(config, weights, quant, stats, dtype, report,
-                                   source=str(source), on_layer=lambda: bar.update(1))
+                                   source=str(source), on_layer=lambda: bar.update(1),
+                                   device=options.device)
         result = BuildResult(output=output, config=out_config, quant=quant,
                              source_bytes=source_bytes, dense_bytes=dense_bytes, output_bytes=0,
                              report=report, limits=limits, calibration=calib_info)

@@ -55,7 +55,7 @@ def search_clip(
     x = inputs.reshape(-1, k).float()
     if x.shape[0] > max_tokens:
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-        x = x[pick[:max_tokens]]
+        x = x[pick[:max_tokens].to(x.device)]
     xg = x.view(-1, groups, group_size)  # [n, G, gs]
     # Rows in chunks: the [tokens, rows, groups] contractions stay under ~64 MiB on any model.
     chunk = max(1, (16 << 20) // max(1, xg.shape[0] * groups))
@@ -69,10 +69,11 @@ def _search_rows(wg: torch.Tensor, xg: torch.Tensor, symmetric: bool,
                  max_shrink: float) -> torch.Tensor:  # [rows, G, gs]
     rows, groups, group_size = wg.shape
     ref = torch.einsum("ngk,ogk->nog", xg, wg)
-    best_err = torch.full((rows, groups), float("inf"))
-    best_ratio = torch.ones(rows, groups, 1)
+    dev = wg.device
+    best_err = torch.full((rows, groups), float("inf"), device=dev)
+    best_ratio = torch.ones(rows, groups, 1, device=dev)
     for i in range(int(max_shrink * n_grid) + 1):
-        ratio = torch.full((rows, groups, 1), 1.0 - i / n_grid)
+        ratio = torch.full((rows, groups, 1), 1.0 - i / n_grid, device=dev)
         q = fake_quantize_int4(_clip(wg, ratio, symmetric).reshape(rows, -1), group_size,
                                symmetric=symmetric, scale_dtype=scale_dtype)
         err = torch.einsum("ngk,ogk->nog", xg, q.view(rows, groups, group_size)) - ref
