@@ -10,12 +10,4 @@
 #   build_scripts/l40s.sh gemma3-270m engines/l40s --quant int4-awq
 #
 # usage: build_scripts/l40s.sh SOURCE OUTPUT_DIR [more trt-gemma build options]
-set -euo pipefail
-if [[ $# -lt 2 ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-    exit 2
-fi
-SOURCE=$1
-OUTPUT=$2
-shift 2
-exec trt-gemma build "$SOURCE" -o "$OUTPUT" --profile l40s "$@"
+exec "$(dirname "$0")/_profile.sh" l40s "$0" "$@"

@@ -11,12 +11,4 @@
 #   build_scripts/rtx4090.sh gemma3-270m engines/rtx4090 --quant int4-awq
 #
 # usage: build_scripts/rtx4090.sh SOURCE OUTPUT_DIR [more trt-gemma build options]
-set -euo pipefail
-if [[ $# -lt 2 ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-    exit 2
-fi
-SOURCE=$1
-OUTPUT=$2
-shift 2
-exec trt-gemma build "$SOURCE" -o "$OUTPUT" --profile rtx4090 "$@"
+exec "$(dirname "$0")/_profile.sh" rtx4090 "$0" "$@"
