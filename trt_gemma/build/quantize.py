@@ -2,8 +2,8 @@
 
 ``quantize_tensors`` is a generator (the engine writer streams it to disk), filling a
 ``QuantReport`` as it goes: per group of linears the range of the scales it chose and, for AWQ,
-the relative output error on the calibration activations of plain RTN and of AWQ, so the summary
-shows what calibration bought.
+the relative output error on the calibration activations of plain RTN, of AWQ (scale + clip, RTN
+codes) and of AWQ + GPTQ (what is stored), so the summary shows what each step bought.
 
 Per mode (weights of one group share their input, hence one AWQ ``s`` and one activation scale):
 
@@ -12,7 +12,9 @@ Per mode (weights of one group share their input, hence one AWQ ``s`` and one ac
 - ``int4``: group-wise INT4 with zero points by round-to-nearest; no calibration.
 - ``int4-awq``: INT4 (zero points) of ``clip(W * s)`` with ``pre_quant_scale = 1 / s``: the scale
   from ``awq_search_scales``, then each group's range from ``search_clip`` (llm-awq's auto_scale
-  and auto_clip, both judged by output error on the calibration inputs).
+  and auto_clip, both judged by output error on the calibration inputs), then the codes on that
+  fixed grid by GPTQ's error-compensated rounding (``quant/gptq.py``) with the Hessian
+  ``X'.T X'`` of the AWQ-scaled inputs ``X' = X / s`` over all calibration tokens.
 
 Embeddings and norms stay dense in the activation dtype. The LM head (tied to the embedding on
 every Gemma) is quantized only with ``quantize_lm_head``; it then becomes a separate
@@ -40,11 +42,15 @@ from trt_gemma.quant import (
 )
 from trt_gemma.quant.calibrate import CalibrationStats, LinearGroup, linear_groups
 from trt_gemma.quant.clip import search_clip
+from trt_gemma.quant.gptq import quantize_int4_gptq, scale_hessian
 
 AWQ_GRID = 20  # llm-awq's n_grid
 # INT4 with zero points (asymmetric), llm-awq's default: on Gemma 3 270M it cuts the perplexity
 # cost of RTN and AWQ against symmetric INT4 by a third to a half (docs/quantization.md).
 INT4_SYMMETRIC = False
+# GPTQ codes on the AWQ grid for int4-awq (docs/quantization.md has the measured gain).
+INT4_AWQ_GPTQ = True
+GPTQ_DAMP = 0.01
 
 
 def needs_calibration(quant: QuantConfig) -> bool:
@@ -61,7 +67,8 @@ class GroupReport:
     awq_s_min: float | None = None  # AWQ s = 1 / pre_quant_scale
     awq_s_max: float | None = None
     rtn_error: float | None = None  # relative output error on calibration rows, RTN
-    awq_error: float | None = None  # ... and with the AWQ scale
+    awq_error: float | None = None  # ... with the AWQ scale and clip (RTN codes)
+    gptq_error: float | None = None  # ... and with GPTQ codes on that grid (what is stored)
 
 
 @dataclass
@@ -93,7 +100,11 @@ class QuantReport:
                              f"{max(g.awq_s_max for g in ss):.2f}")
                 rtn = sum(g.rtn_error for g in ss) / len(ss)
                 awq = sum(g.awq_error for g in ss) / len(ss)
-                parts.append(f"out-err rtn {rtn:.4f} -> awq {awq:.4f}")
+                err = f"out-err rtn {rtn:.4f} -> awq {awq:.4f}"
+                gq = [g.gptq_error for g in ss if g.gptq_error is not None]
+                if gq:
+                    err += f" -> awq+gptq {sum(gq) / len(gq):.4f}"
+                parts.append(err)
             if layer is not None and self.k_scales:
                 parts.append(f"kv {self.k_scales[layer]:.2e}/{self.v_scales[layer]:.2e}")
             lines.append(f"{name}: " + ", ".join(parts))
@@ -135,17 +146,26 @@ def _quantize_on_device(group: LinearGroup, ws: list[torch.Tensor], quant: Quant
                                          float(scales.max()), input_scale=xs))
         return out
     awq = mode == "int4-awq" and group.name != "lm_head"
+    gptq = awq and INT4_AWQ_GPTQ
     if awq:
-        x = stats.inputs[group.name].activations().to(device)
+        inputs = stats.inputs[group.name]
+        x = inputs.activations().to(device)
         s = awq_search_scales(ws, x, gs, AWQ_GRID, symmetric=INT4_SYMMETRIC, scale_dtype=dtype)
         # The GEMM multiplies x by the stored (rounded) 1/s: scale W by exactly its reciprocal.
         pqs = (1.0 / s).to(dtype)
         s = 1.0 / pqs.float()
-        out = []
+        if gptq:  # all tokens' x.T x when calibration kept it, else the sampled rows'
+            h = inputs.xtx.to(device) if inputs.xtx is not None else x.T @ x
+            h = scale_hessian(h, s)
+        out, awq_rtn = [], []
         for w in ws:
             clipped = search_clip(w.float() * s, x / s, gs, symmetric=INT4_SYMMETRIC,
                                   scale_dtype=dtype)
             q = quantize_int4_rtn(clipped, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype)
+            awq_rtn.append(dataclasses.replace(q, pre_quant_scale=pqs))
+            if gptq:
+                q = quantize_int4_gptq(clipped, h, gs, symmetric=INT4_SYMMETRIC,
+                                       scale_dtype=dtype, damp=GPTQ_DAMP)
             out.append(dataclasses.replace(q, pre_quant_scale=pqs))
     else:
         out = [quantize_int4_rtn(w, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype) for w in ws]
@@ -155,7 +175,9 @@ def _quantize_on_device(group: LinearGroup, ws: list[torch.Tensor], quant: Quant
         rep.awq_s_min, rep.awq_s_max = float(s.min()), float(s.max())
         rtn = [quantize_int4_rtn(w, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype) for w in ws]
         rep.rtn_error = _output_error(ws, rtn, x)
-        rep.awq_error = _output_error(ws, out, x)
+        rep.awq_error = _output_error(ws, awq_rtn, x)
+        if gptq:
+            rep.gptq_error = _output_error(ws, out, x)
     report.groups.append(rep)
     return out
 

@@ -3,8 +3,11 @@
 For every group of linears that read the same input (q/k/v, gate/up, o_proj, down_proj, and the LM
 head when asked) it records the input's ``amax`` (FP8 static activation scale), the per-channel
 ``mean |x|`` (AWQ's saliency statistic) and a sample of up to ``max_rows`` input rows (the
-activations AWQ measures its output error on). Per layer it records ``amax`` of the keys and values
-the KV cache stores (FP8 KV-cache scales).
+activations AWQ measures its output error on) and, for GPTQ, the sum of ``x.T x`` over *every*
+calibration token (``[in, in]`` fp32): by default only when all groups' matrices together fit in
+``HESSIAN_BUDGET_BYTES`` (Gemma 3 270M: 0.4 GiB, 1B: 5.4 GiB, Gemma 2 2B: 10 GiB), otherwise
+GPTQ falls back to ``x.T x`` of the sampled rows. Per layer it records ``amax`` of the keys and
+values the KV cache stores (FP8 KV-cache scales).
 
 ``model.py`` needs no hooks: the linears are wrapped in ``RecordingLinear`` objects, which
 ``ops.linear`` calls through their ``.linear(x)`` like any quantized weight, and the cache is a
@@ -28,6 +31,8 @@ from trt_gemma import ops
 from trt_gemma.config import GemmaConfig
 from trt_gemma.kv_cache import ContiguousKVCache
 from trt_gemma.model import GemmaModel
+
+HESSIAN_BUDGET_BYTES = 8 << 30  # all groups' x.T x together, fp32
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,14 @@ class InputStats:
     abs_sum: torch.Tensor | None = None  # [in] fp32 sum of |x| per channel
     count: int = 0  # tokens seen
     rows: list[torch.Tensor] = field(default_factory=list)  # sampled rows, fp32 on CPU
+    xtx: torch.Tensor | None = None  # [in, in] fp32 sum of x.T x over every token (GPTQ's H)
+    hessian: bool = False  # accumulate xtx
 
     def add(self, x: torch.Tensor, keep: torch.Tensor | None) -> None:
         xf = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.hessian:
+            h = (xf.T @ xf).cpu()
+            self.xtx = h if self.xtx is None else self.xtx + h
         a = xf.abs()
         self.amax = max(self.amax, float(a.max())) if xf.numel() else self.amax
         s = a.sum(dim=0).cpu()
@@ -157,6 +167,7 @@ def calibrate(
     *,
     groups: list[LinearGroup],
     max_rows: int = 1024,
+    hessians: bool | None = None,  # None: when they fit HESSIAN_BUDGET_BYTES
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -165,7 +176,8 @@ def calibrate(
     """Run the model over the windows and collect ``CalibrationStats`` for ``groups``.
 
     ``max_rows`` rows of each group's input are kept, sampled uniformly (seeded) over all tokens,
-    so memory is ``max_rows * sum(in_features)`` floats whatever the text length.
+    so memory is ``max_rows * sum(in_features)`` floats whatever the text length. ``hessians``
+    adds ``x.T x`` over all tokens per group (``sum(in_features^2)`` floats).
     """
     windows = [list(w) for w in windows]
     if not windows:
@@ -174,7 +186,11 @@ def calibrate(
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=gen)[:max_rows].sort().values  # global token indices
     run = _Run()
-    stats = {g.name: InputStats() for g in groups}
+    if hessians is None:
+        need = sum(4 * weights[g.weights[0]].shape[1] ** 2 for g in groups
+                   if g.weights[0] in weights)
+        hessians = need <= HESSIAN_BUDGET_BYTES
+    stats = {g.name: InputStats(hessian=hessians) for g in groups}
     owner = {g.weights[0]: g.name for g in groups}  # the first linear of a group records for it
     model_weights: dict[str, Any] = {}
     for name, t in weights.items():
