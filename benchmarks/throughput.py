@@ -127,6 +127,8 @@ class _Logits:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits[: hidden.shape[0]]
 
+    greedy_logits = compute_logits
+
 
 def step_overhead(model, tokenizer, batch_sizes=(1, 32, 256), steps: int = 20) -> dict:
     """Seconds per greedy decode step spent outside the model (forward and LM head excluded:

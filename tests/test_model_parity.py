@@ -26,7 +26,8 @@ def _logits(model, ids, chunks=(None,)):
     """Logits of every position, feeding the sequence in chunks through one cache."""
     cache = ContiguousKVCache(model.config, 128, model.dtype)
     bounds = [0, *[c for c in chunks if c is not None], len(ids)]
-    parts = [model.compute_logits(cache.forward(model, ids[a:b])) for a, b in zip(bounds, bounds[1:])]
+    parts = [model.compute_logits(cache.forward(model, ids[a:b]))
+             for a, b in zip(bounds, bounds[1:])]
     return torch.cat(parts)
 
 

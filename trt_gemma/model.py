@@ -172,3 +172,10 @@ class GemmaModel:
         """[N, hidden] -> [N, vocab] float32 logits, final soft-cap applied (Gemma 2)."""
         logits = ops.linear(hidden, self.lm_head).float()
         return ops.softcap(logits, self.config.final_logit_softcapping)
+
+    @torch.inference_mode()
+    def greedy_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] logits for an argmax only: in the model's dtype (widening to
+        fp32 is exact, so the argmax is the same without a [N, vocab] copy) and without the final
+        soft-cap (monotonic)."""
+        return ops.linear(hidden, self.lm_head)

@@ -30,11 +30,15 @@ class EngineConfig:
     # on 2 cores: faster than the full head up to ~16 rows in fp32, ~4 in bf16), for vocabularies
     # of >= 32768 tokens
     greedy_head_max_rows: int | None = None
-    # CPU: forwards of fewer tokens than this run on one intra-op thread. Their GEMMs are
-    # memory-bound GEMVs a second thread barely speeds up, and on a shared machine OpenMP's
-    # spin-waiting makes every small op of a 2-thread forward wait for a descheduled thread
-    # (measured: batch-4 decode 94 ms on 1 thread, 1.8 s on 2, under load). 0 = never.
+    # CPU: steps of fewer tokens than this run on one intra-op thread or on all of them, whichever
+    # their own timings show faster (runtime/cpu_threads.py): one wins on a shared machine, where
+    # every small op of a multi-thread forward waits for a descheduled thread, all of them on an
+    # idle one. Larger steps always use every thread. 0 = never measure, always every thread.
     cpu_single_thread_below: int = 16
+    # CPU, bf16/fp16 models: steps of at most this many tokens run the decoder's linear layers on
+    # INT8 copies of their weights (W8A16, runtime/int8_decode.py): half the bytes a decode step
+    # reads, for +0.2% perplexity on Gemma 3 270M. 0 = never (the model's own numerics).
+    cpu_int8_decode_max_rows: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -53,6 +57,7 @@ class EngineConfig:
             ("cuda_graph_batch_sizes", all(b >= 1 for b in self.cuda_graph_batch_sizes),
              "must be positive batch sizes"),
             ("cpu_single_thread_below", self.cpu_single_thread_below >= 0, "must be >= 0"),
+            ("cpu_int8_decode_max_rows", self.cpu_int8_decode_max_rows >= 0, "must be >= 0"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),

@@ -67,7 +67,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len,
-                                  config.cpu_single_thread_below)
+                                  config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows
         if self.greedy_head_max_rows is None:  # auto: CPU, big vocab; crossover by dtype
             big = cpu and mc.vocab_size >= 32768
@@ -200,9 +200,11 @@ class LLMEngine:
     def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         if not seqs:
             return SamplerOutput([], [])
-        if (self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows
-                and all(self.sampler.is_plain_greedy(s) for s in seqs)):
-            return SamplerOutput(self.greedy_head(hidden), [None] * len(seqs))
+        if all(self.sampler.is_plain_greedy(s) for s in seqs):
+            if self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows:
+                return SamplerOutput(self.greedy_head(hidden), [None] * len(seqs))
+            tokens = self.model.greedy_logits(hidden).argmax(dim=-1).tolist()
+            return SamplerOutput(tokens, [None] * len(seqs))
         return self.sampler(self.model.compute_logits(hidden), seqs)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:

@@ -11,9 +11,11 @@ import contextlib
 
 import torch
 
-from trt_gemma.model import GemmaModel
-from trt_gemma.runtime.block_manager import BlockManager
 from trt_gemma import ops
+from trt_gemma.model import GemmaModel
+from trt_gemma.runtime import int8_decode
+from trt_gemma.runtime.block_manager import BlockManager
+from trt_gemma.runtime.cpu_threads import ThreadChooser
 from trt_gemma.runtime.paged_attention import (
     AttentionMetadata,
     GroupMetadata,
@@ -40,7 +42,8 @@ class Batch:
 class ModelRunner:
     def __init__(self, model: GemmaModel, block_manager: BlockManager, kv_dtype: torch.dtype,
                  enforce_eager: bool = True, cuda_graph_batch_sizes: tuple[int, ...] = (),
-                 max_model_len: int = 0, single_thread_below: int = 0):
+                 max_model_len: int = 0, single_thread_below: int = 0,
+                 int8_decode_max_rows: int = 0):
         cfg = model.config
         self.model = model
         self.device = model.device
@@ -51,7 +54,14 @@ class ModelRunner:
                                 cfg.head_dim, kv_dtype, model.device)
         # Batched CPU decode attention where ops would run the per-sequence references.
         self.cpu_fast_path = not ops.use_triton(model.embed)
-        self.single_thread_below = single_thread_below if self.device.type == "cpu" else 0
+        # CPU bf16/fp16: small steps run an INT8 twin of the model (runtime/int8_decode.py)
+        self.small_model, self.small_max_rows = None, 0
+        if int8_decode_max_rows and int8_decode.available(model):
+            self.small_model = int8_decode.int8_twin(model)
+            self.small_max_rows = int8_decode_max_rows
+        self.threads = None  # CPU: the measured thread count of small steps (cpu_threads.py)
+        if self.device.type == "cpu" and single_thread_below:
+            self.threads = ThreadChooser(torch.get_num_threads(), single_thread_below)
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
             from trt_gemma.runtime.cuda_graph import CudaGraphRunner
@@ -125,29 +135,20 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
         else:
-            hidden = self.model.forward(batch.input_ids, batch.positions,
-                                        PagedAttention(self.kv_cache, batch.meta))
+            small = self.small_model is not None and batch.input_ids.numel() <= self.small_max_rows
+            model = self.small_model if small else self.model
+            hidden = model.forward(batch.input_ids, batch.positions,
+                                   PagedAttention(self.kv_cache, batch.meta))
         if batch.logits_indices.numel() < hidden.shape[0]:
             hidden = hidden[batch.logits_indices]
         return hidden
 
     def threads_for(self, num_tokens: int):
-        """Context for a step of num_tokens: one intra-op thread when it is small (CPU)."""
-        return _intra_op_threads(1 if num_tokens < self.single_thread_below else None)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int | None):
-    """Run the block on n intra-op threads (None: unchanged), then restore the count."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        """Context for a step of num_tokens: on CPU, small steps run on the thread count measured
+        fastest (one thread on a busy machine, all of them on an idle one)."""
+        if self.threads is None:
+            return contextlib.nullcontext()
+        return self.threads.step(num_tokens)
 
 
 def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
