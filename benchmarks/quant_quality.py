@@ -2,6 +2,8 @@
 
     python benchmarks/quant_quality.py                      # gemma3-270m, both bundled texts
     python benchmarks/quant_quality.py --quick              # the four main modes only
+    python benchmarks/quant_quality.py --only "int4-awq g128,int4-awq g64"   # re-measure rows,
+                                                            # merged into the existing results
 
 For each configuration it builds an engine with ``trt_gemma.build`` (exactly what ``trt-gemma
 build`` does), records the size of its weight files, and scores the bundled calibration text
@@ -146,6 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--source", default="gemma3-270m")
     p.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens only")
     p.add_argument("--quick", action="store_true", help="none/fp8/int4-awq/int4 at g128 only")
+    p.add_argument("--only", default=None, metavar="LABELS",
+                   help="comma-separated config labels to (re-)measure; their rows replace the "
+                        "same rows of --out, the others are kept (and the bf16 baseline is read "
+                        "from there unless re-measured)")
     p.add_argument("--work-dir", default=None, help="where engines are built (default: temp)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--speed-only", metavar="INT4_ENGINE", default=None,
@@ -162,25 +168,41 @@ def main(argv=None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="quant-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    t = time.perf_counter()
-    model, tok = load_model(args.source, dtype="float32")
-    rows.append({"config": "source fp32 (dequantized GGUF)", "build_seconds": None,
-                 "weight_bytes": None, **_score(model, tok, args.max_tokens),
-                 "load_seconds": round(time.perf_counter() - t, 1)})
-    print(json.dumps(rows[-1]), flush=True)
-    del model
+    only = None
+    if args.only:
+        only = [o.strip() for o in args.only.split(",") if o.strip()]
+        unknown = set(only) - {c[0] for c in CONFIGS}
+        if unknown:
+            p.error(f"--only: unknown config(s) {sorted(unknown)}; "
+                    f"known: {[c[0] for c in CONFIGS]}")
+    else:
+        t = time.perf_counter()
+        model, tok = load_model(args.source, dtype="float32")
+        rows.append({"config": "source fp32 (dequantized GGUF)", "build_seconds": None,
+                     "weight_bytes": None, **_score(model, tok, args.max_tokens),
+                     "load_seconds": round(time.perf_counter() - t, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
     built: dict[str, Path] = {}
     for label, opts, dtype, w8a8, fp8_kv in CONFIGS:
-        if args.quick and label not in QUICK:
+        if (args.quick and label not in QUICK) or (only is not None and label not in only):
+            continue
+        if isinstance(opts, str) and opts not in built:  # its engine's row is not re-measured
             continue
         if isinstance(opts, str):  # reuse another row's engine
-            engine_dir, build_s = built[opts], None
+            engine_dir, build_s, out_err = built[opts], None, {}
         else:
             engine_dir = work / label.replace(" ", "_")
             t = time.perf_counter()
-            build_engine(args.source, engine_dir, BuildOptions(overwrite=True, **opts),
-                         progress=False, log=lambda m: None)
+            res = build_engine(args.source, engine_dir, BuildOptions(overwrite=True, **opts),
+                               progress=False, log=lambda m: None)
             build_s = round(time.perf_counter() - t, 1)
+            out_err = {}  # mean relative output error per group on calibration rows, per step
+            for key in ("rtn_error", "awq_error", "gptq_error"):
+                vals = [getattr(g, key) for g in res.report.groups
+                        if getattr(g, key) is not None]
+                if vals:
+                    out_err[key.removesuffix("_error")] = round(sum(vals) / len(vals), 5)
             built[label] = engine_dir
         weight_bytes = sum(f.stat().st_size for f in engine_dir.glob("weights-*.safetensors"))
         model, tok = _load(engine_dir, dtype, w8a8)
@@ -189,16 +211,29 @@ def main(argv=None) -> int:
                      "eval_dtype": str(dtype).removeprefix("torch."), "build_seconds": build_s,
                      "weight_bytes": weight_bytes, **_score(model, tok, args.max_tokens,
                                                             make_cache)})
+        if out_err:
+            rows[-1]["mean_output_error"] = out_err
         print(json.dumps(rows[-1]), flush=True)
         del model
-    speed = cpu_speed(built["int4-awq g128"]) if "int4-awq g128" in built else None
+    speed = cpu_speed(built["int4-awq g128"]) if "int4-awq g128" in built and not only else None
+    if only is not None:  # merge into the existing results, in their order
+        old = json.loads(Path(args.out).read_text())
+        if old.get("max_tokens") != args.max_tokens or old.get("source") != args.source:
+            p.error(f"--only: {args.out} was measured with other --source/--max-tokens")
+        new = {r["config"]: {**r, "cpu_threads": torch.get_num_threads()} for r in rows}
+        kept = [new.pop(r["config"], r) for r in old["rows"]]
+        rows = kept + list(new.values())
+        speed = old.get("cpu_forward_seconds_int4")
     base = next(r for r in rows if r["config"] == "none bf16")
     for r in rows:
         for name in TEXTS:
             r[name]["vs_bf16"] = r[name]["perplexity"] / base[name]["perplexity"] - 1
+    machine = {"python": platform.python_version(), "torch": torch.__version__,
+               "cpu_threads": torch.get_num_threads(), "device": "cpu"}
+    if only is not None:  # rows measured in this run carry their own cpu_threads
+        machine = old["machine"]
     result = {"source": args.source, "texts": TEXTS, "max_tokens": args.max_tokens,
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "cpu_threads": torch.get_num_threads(), "device": "cpu"},
+              "machine": machine,
               "rows": rows, "cpu_forward_seconds_int4": speed}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

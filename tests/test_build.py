@@ -92,6 +92,9 @@ def test_every_mode_builds_loads_and_stays_close(tiny_gemma3_dir, tmp_path, mode
         assert torch.equal(q.pre_quant_scale, k.pre_quant_scale)
         groups = result.report.groups
         assert sum(g.awq_error for g in groups) < sum(g.rtn_error for g in groups)
+        # GPTQ codes on the AWQ grid: what is stored, below AWQ's RTN codes on calibration rows.
+        assert all(g.gptq_error is not None for g in groups)
+        assert sum(g.gptq_error for g in groups) < sum(g.awq_error for g in groups)
     if mode == "int4":
         assert q.pre_quant_scale is None
     if mode.startswith("int4"):
@@ -365,4 +368,5 @@ def test_cli_summary(tiny_gemma3_dir, tmp_path, capsys):
     assert code == 0
     assert "quant int4-awq, kv-cache fp8" in out and "size: source" in out
     assert "per-layer scales:" in out and "awq s" in out and "out-err rtn" in out
+    assert "-> awq+gptq" in out
     assert "layer   5:" in out and out.strip().splitlines()[-1].startswith("time: load")

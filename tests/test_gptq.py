@@ -11,7 +11,7 @@ import torch
 
 from trt_gemma.kernels.gemm_w4a16 import SYMMETRIC_ZERO, unpack_int4
 from trt_gemma.quant.calibrate import calibrate, calibration_windows, linear_groups
-from trt_gemma.quant.gptq import gptq_codes, quantize_int4_gptq, scale_hessian
+from trt_gemma.quant.gptq import gptq_codes, quantize_int4_gptq, scale_hessian, split_int4_rows
 from trt_gemma.quant.int4 import quantize_int4_codes, quantize_int4_rtn
 
 
@@ -179,3 +179,18 @@ def test_calibration_hessian_sums_every_token(tiny_gemma3_dir):
                                    atol=1e-5 * float(x.abs().max()) ** 2)
     off = calibrate(config, weights, windows, groups=groups, max_rows=8, hessians=False)
     assert all(st.xtx is None for st in off.inputs.values())
+
+
+def test_split_rows_of_a_stacked_group():
+    g = _gen(6)
+    ws = [torch.randn(n, 128, generator=g) for n in (32, 8, 8)]
+    x = _correlated(256, 128, g)
+    q = quantize_int4_gptq(torch.cat(ws), x.T @ x, 64, symmetric=False)
+    parts = split_int4_rows(q, [32, 8, 8])
+    assert [p.out_features for p in parts] == [32, 8, 8]
+    assert torch.equal(torch.cat([p.dequantize() for p in parts]), q.dequantize())
+    alone = quantize_int4_gptq(ws[1], x.T @ x, 64, symmetric=False)
+    # Rows never interact in GPTQ: the stacked sweep gives each weight its own codes.
+    assert (unpack_int4(parts[1].qweight) != unpack_int4(alone.qweight)).float().mean() < 0.005
+    with pytest.raises(ValueError, match="rows must"):
+        split_int4_rows(q, [32, 8])

@@ -2,7 +2,7 @@
 
 ``quantize_tensors`` is a generator (the engine writer streams it to disk), filling a
 ``QuantReport`` as it goes: per group of linears the range of the scales it chose and, for AWQ,
-the relative output error on the calibration activations of plain RTN, of AWQ (scale + clip, RTN
+the relative output error on the calibration activations of plain RTN, of AWQ (the scale, RTN
 codes) and of AWQ + GPTQ (what is stored), so the summary shows what each step bought.
 
 Per mode (weights of one group share their input, hence one AWQ ``s`` and one activation scale):
@@ -10,11 +10,12 @@ Per mode (weights of one group share their input, hence one AWQ ``s`` and one ac
 - ``fp8``: per-output-channel E4M3 weights with a static per-tensor input scale
   ``amax(|x|) / 448`` from calibration (what TensorRT-LLM's FP8 GEMM and ``torch._scaled_mm`` take).
 - ``int4``: group-wise INT4 with zero points by round-to-nearest; no calibration.
-- ``int4-awq``: INT4 (zero points) of ``clip(W * s)`` with ``pre_quant_scale = 1 / s``: the scale
-  from ``awq_search_scales``, then each group's range from ``search_clip`` (llm-awq's auto_scale
-  and auto_clip, both judged by output error on the calibration inputs), then the codes on that
-  fixed grid by GPTQ's error-compensated rounding (``quant/gptq.py``) with the Hessian
-  ``X'.T X'`` of the AWQ-scaled inputs ``X' = X / s`` over all calibration tokens.
+- ``int4-awq``: INT4 (zero points) of ``W * s`` with ``pre_quant_scale = 1 / s``: the scale
+  from ``awq_search_scales`` (llm-awq's auto_scale, judged by output error on the calibration
+  inputs), then RTN's per-group grid of ``W * s`` and, on that fixed grid, the codes by GPTQ's
+  error-compensated rounding (``quant/gptq.py``) with the Hessian ``X'.T X'`` of the AWQ-scaled
+  inputs ``X' = X / s`` over all calibration tokens. With ``INT4_AWQ_GPTQ = False`` the previous
+  method: each group's range from ``search_clip`` (llm-awq's auto_clip), RTN codes.
 
 Embeddings and norms stay dense in the activation dtype. The LM head (tied to the embedding on
 every Gemma) is quantized only with ``quantize_lm_head``; it then becomes a separate
@@ -42,7 +43,7 @@ from trt_gemma.quant import (
 )
 from trt_gemma.quant.calibrate import CalibrationStats, LinearGroup, linear_groups
 from trt_gemma.quant.clip import search_clip
-from trt_gemma.quant.gptq import quantize_int4_gptq, scale_hessian
+from trt_gemma.quant.gptq import quantize_int4_gptq, scale_hessian, split_int4_rows
 
 AWQ_GRID = 20  # llm-awq's n_grid
 # INT4 with zero points (asymmetric), llm-awq's default: on Gemma 3 270M it cuts the perplexity
@@ -50,7 +51,7 @@ AWQ_GRID = 20  # llm-awq's n_grid
 INT4_SYMMETRIC = False
 # GPTQ codes on the AWQ grid for int4-awq (docs/quantization.md has the measured gain).
 INT4_AWQ_GPTQ = True
-GPTQ_DAMP = 0.01
+GPTQ_DAMP = 0.1  # of mean(diag H): 0.03..0.3 measured alike, 0.01 overfits 2k tokens
 
 
 def needs_calibration(quant: QuantConfig) -> bool:
@@ -67,7 +68,7 @@ class GroupReport:
     awq_s_min: float | None = None  # AWQ s = 1 / pre_quant_scale
     awq_s_max: float | None = None
     rtn_error: float | None = None  # relative output error on calibration rows, RTN
-    awq_error: float | None = None  # ... with the AWQ scale and clip (RTN codes)
+    awq_error: float | None = None  # ... with the AWQ scale (+ clip without GPTQ), RTN codes
     gptq_error: float | None = None  # ... and with GPTQ codes on that grid (what is stored)
 
 
@@ -157,16 +158,20 @@ def _quantize_on_device(group: LinearGroup, ws: list[torch.Tensor], quant: Quant
         if gptq:  # all tokens' x.T x when calibration kept it, else the sampled rows'
             h = inputs.xtx.to(device) if inputs.xtx is not None else x.T @ x
             h = scale_hessian(h, s)
-        out, awq_rtn = [], []
-        for w in ws:
-            clipped = search_clip(w.float() * s, x / s, gs, symmetric=INT4_SYMMETRIC,
-                                  scale_dtype=dtype)
-            q = quantize_int4_rtn(clipped, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype)
-            awq_rtn.append(dataclasses.replace(q, pre_quant_scale=pqs))
-            if gptq:
-                q = quantize_int4_gptq(clipped, h, gs, symmetric=INT4_SYMMETRIC,
-                                       scale_dtype=dtype, damp=GPTQ_DAMP)
-            out.append(dataclasses.replace(q, pre_quant_scale=pqs))
+        # GPTQ takes the unclipped grid: the clip search is tuned for RTN codes and, under GPTQ,
+        # raised both the output error and the perplexity (docs/quantization.md).
+        scaled = [w.float() * s if gptq else
+                  search_clip(w.float() * s, x / s, gs, symmetric=INT4_SYMMETRIC,
+                              scale_dtype=dtype) for w in ws]
+        awq_rtn = [dataclasses.replace(quantize_int4_rtn(c, gs, symmetric=INT4_SYMMETRIC,
+                                                         scale_dtype=dtype), pre_quant_scale=pqs)
+                   for c in scaled]
+        out = awq_rtn
+        if gptq:  # one sweep over the group's stacked rows: they share the input, hence H
+            q = quantize_int4_gptq(torch.cat(scaled), h, gs, symmetric=INT4_SYMMETRIC,
+                                   scale_dtype=dtype, damp=GPTQ_DAMP)
+            out = [dataclasses.replace(r, pre_quant_scale=pqs)
+                   for r in split_int4_rows(q, [w.shape[0] for w in ws])]
     else:
         out = [quantize_int4_rtn(w, gs, symmetric=INT4_SYMMETRIC, scale_dtype=dtype) for w in ws]
     scales = torch.cat([q.scales.float().flatten() for q in out])

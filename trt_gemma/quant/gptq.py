@@ -26,6 +26,8 @@ exactly. For AWQ-scaled weights ``W * s`` whose inputs are ``x / s``, use
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trt_gemma.kernels.gemm_w4a16 import SYMMETRIC_ZERO, Int4Weight, pack_int4
@@ -98,8 +100,8 @@ def gptq_codes(
     if zeros is not None and tuple(zeros.shape) != (out, n_groups):
         raise ValueError(f"gptq_codes: zeros must be [{out}, {n_groups}], got "
                          f"{list(zeros.shape)}")
-    if not 0 < damp < 1:
-        raise ValueError(f"gptq_codes: damp must be in (0, 1), got {damp}")
+    if not damp > 0:
+        raise ValueError(f"gptq_codes: damp must be > 0, got {damp}")
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"gptq_codes: block_size must be a positive int, got {block_size!r}")
 
@@ -145,3 +147,16 @@ def quantize_int4_gptq(
         raise ValueError(f"INT4 packing needs an even input width, got {codes.shape[1]}")
     return Int4Weight(qweight=pack_int4(codes), scales=scales, zeros=zeros, pre_quant_scale=None,
                       group_size=group_size)
+
+
+def split_int4_rows(weight: Int4Weight, rows: list[int]) -> list[Int4Weight]:
+    """Split a stacked ``Int4Weight`` (e.g. q/k/v quantized in one sweep) back by output rows."""
+    if sum(rows) != weight.out_features or any(r <= 0 for r in rows):
+        raise ValueError(f"split_int4_rows: rows must be positive and sum to "
+                         f"{weight.out_features}, got {rows}")
+    out, r0 = [], 0
+    for r in rows:
+        part = {n: t[r0:r0 + r] for n, t in weight.tensors().items() if n != "pre_quant_scale"}
+        out.append(dataclasses.replace(weight, **part))
+        r0 += r
+    return out
