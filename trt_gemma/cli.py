@@ -50,7 +50,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
-    llm = LLM(args.source, dtype=args.dtype, device=args.device, verify=not args.no_verify)
+    llm = LLM(args.source, dtype=args.dtype, device=args.device, verify=not args.no_verify,
+              kv_cache_dtype=args.kv_cache_dtype)
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the generated text")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "model"),
+                   help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
+                        "model's dtype; fp8: always; model: never FP8")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter count and sizes of a model or engine")

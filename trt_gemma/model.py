@@ -71,8 +71,13 @@ class GemmaModel:
     """Gemma decoder. Build with ``from_state_dict``; call ``forward`` then ``compute_logits``."""
 
     def __init__(self, config: GemmaConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: Any):
+                 final_norm: torch.Tensor, lm_head: Any,
+                 kv_scales: list[tuple[float, float]] | None = None):
         self.config = config
+        # FP8 KV cache: per layer (k_scale, v_scale), the cache stores k / k_scale in e4m3. Set
+        # when the engine was built with --kv-cache-dtype fp8; the runtime decides whether to use
+        # it.
+        self.kv_scales = kv_scales
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.final_norm = final_norm
@@ -115,7 +120,12 @@ class GemmaModel:
             ))
         embed = get("embed_tokens.weight")
         lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
-        return cls(config, embed, layers, get("norm.weight"), lm_head)
+        kv_scales = None
+        if "layers.0.self_attn.k_scale" in weights:
+            kv_scales = [(float(weights.pop(f"layers.{i}.self_attn.k_scale")),
+                          float(weights.pop(f"layers.{i}.self_attn.v_scale")))
+                         for i in range(config.num_hidden_layers)]
+        return cls(config, embed, layers, get("norm.weight"), lm_head, kv_scales)
 
     @torch.inference_mode()
     def forward(

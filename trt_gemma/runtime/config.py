@@ -22,6 +22,10 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes of KV cache; None: 1.5 GiB on CPU, derived on CUDA
     num_kv_blocks: int | None = None  # override: blocks of the full-attention pool (tests)
     enable_prefix_caching: bool = True  # reuse KV blocks of identical prompt prefixes
+    # "auto": FP8 (e4m3, per-layer scales) on CUDA when the engine was built with
+    # --kv-cache-dtype fp8, else the model's dtype (fp32 on CPU); "fp8": always FP8 (needs those
+    # scales; on CPU it runs the reference attention: for checking, not speed); "model": never FP8.
+    kv_cache_dtype: str = "auto"
     enforce_eager: bool = False  # CUDA: never capture decode steps in CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     seed: int = 0  # the engine's generator, for random sampling of requests without a seed
@@ -57,6 +61,8 @@ class EngineConfig:
             ("cuda_graph_batch_sizes", all(b >= 1 for b in self.cuda_graph_batch_sizes),
              "must be positive batch sizes"),
             ("cpu_single_thread_below", self.cpu_single_thread_below >= 0, "must be >= 0"),
+            ("kv_cache_dtype", self.kv_cache_dtype in ("auto", "fp8", "model"),
+             "must be 'auto', 'fp8' or 'model'"),
             ("cpu_int8_decode_max_rows", self.cpu_int8_decode_max_rows >= 0, "must be >= 0"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from trt_gemma.errors import ConfigError, RequestError
+from trt_gemma.kernels.reference import FP8_DTYPE
 from trt_gemma.model import GemmaModel
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
 from trt_gemma.runtime import greedy_head
@@ -56,6 +57,13 @@ class LLMEngine:
         # bf16 values are exact in fp32, so reads skip a conversion per layer and step.
         cpu = model.device.type == "cpu"
         kv_dtype = torch.float32 if cpu else model.dtype
+        fp8 = config.kv_cache_dtype == "fp8" or (
+            config.kv_cache_dtype == "auto" and not cpu and model.kv_scales is not None)
+        if fp8:
+            if model.kv_scales is None:
+                raise ConfigError("EngineConfig.kv_cache_dtype 'fp8' needs per-layer KV scales: "
+                                  "build the engine with --kv-cache-dtype fp8")
+            kv_dtype = FP8_DTYPE
         per_layer = 2 * config.block_size * mc.kv_size * kv_dtype.itemsize
         groups = plan_groups(
             mc, per_layer, kv_cache_budget(model, config), config.block_size,
@@ -65,6 +73,7 @@ class LLMEngine:
         # Every admitted sequence must be able to finish alone, whatever else runs.
         self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
         self.scheduler = Scheduler(config, self.block_manager)
+        self.kv_cache_dtype = kv_dtype
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len,
                                   config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)

@@ -72,5 +72,5 @@ def int8_twin(model: GemmaModel) -> GemmaModel:
             for layer in model.layers
         ]
         twin = _TWINS[model] = GemmaModel(model.config, model.embed, layers, model.final_norm,
-                                          model.lm_head)
+                                          model.lm_head, model.kv_scales)
     return twin

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from trt_gemma import ops
+from trt_gemma.kernels.reference import FP8_DTYPE
 from trt_gemma.model import GemmaModel
 from trt_gemma.runtime import int8_decode
 from trt_gemma.runtime.block_manager import BlockManager
@@ -50,10 +51,12 @@ class ModelRunner:
         self.block_manager = block_manager
         self.block_size = block_manager.block_size
         self.windows = block_manager.windows
+        self.fp8_kv = kv_dtype == FP8_DTYPE
         self.kv_cache = KVCache(block_manager.groups, self.block_size, cfg.num_key_value_heads,
-                                cfg.head_dim, kv_dtype, model.device)
+                                cfg.head_dim, kv_dtype, model.device,
+                                model.kv_scales if self.fp8_kv else None)
         # Batched CPU decode attention where ops would run the per-sequence references.
-        self.cpu_fast_path = not ops.use_triton(model.embed)
+        self.cpu_fast_path = not ops.use_triton(model.embed) and not self.fp8_kv
         # CPU bf16/fp16: small steps run an INT8 twin of the model (runtime/int8_decode.py)
         self.small_model, self.small_max_rows = None, 0
         if int8_decode_max_rows and int8_decode.available(model):
@@ -80,7 +83,10 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
         cu_q = [0]
-        direct = True  # every prefill chunk starts a sequence: attend over the new keys only
+        # Every prefill chunk starts a sequence: attend over the new keys only. Not with an FP8
+        # cache: prefills then read the keys as the cache rounded them, as later steps will, so a
+        # prompt's output does not depend on how it was chunked or prefix-cached.
+        direct = not self.fp8_kv
         key_slots: list[list[int]] = [[] for _ in self.windows]
         cu_k: list[list[int]] = [[0] for _ in self.windows]
         for idx, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens, strict=True)):

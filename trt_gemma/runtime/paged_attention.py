@@ -11,6 +11,10 @@ The batch is packed: decode tokens first (one per sequence), then prefill chunks
 
 All index tensors are built once per step (``AttentionMetadata``), not per layer.
 
+FP8 cache (``KVCache.scales``): keys/values are stored as ``k / k_scale`` in e4m3 with per-layer
+scales from the engine build, and every read (decodes and prefills alike) dequantizes them, so a
+token's attention never depends on whether its keys came from this step or the cache.
+
 CPU fast path (when ``ops`` would run the PyTorch references): the decodes of a step attend in one
 batched matmul over their visible keys, gathered by flat slot and padded to the longest (masked),
 instead of the reference's loop of small per-sequence ops; keys are stored with one
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from trt_gemma import ops
+from trt_gemma.kernels.reference import FP8_DTYPE
 
 
 @dataclass
@@ -53,7 +58,13 @@ class KVCache:
     head_dim]`` for keys and values, plus where each model layer lives in them."""
 
     def __init__(self, groups, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device,
+                 scales: list[tuple[float, float]] | None = None):
+        if (dtype == FP8_DTYPE) != (scales is not None):
+            raise ValueError("KVCache: an FP8 cache needs per-layer (k_scale, v_scale), and only "
+                             "an FP8 cache takes them")
+        # FP8: per model layer, the cache stores k / k_scale and v / v_scale in e4m3.
+        self.scales = scales
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.layer_slot: dict[int, tuple[int, int]] = {}  # model layer -> (group, index)
@@ -86,13 +97,15 @@ class PagedAttention:
         g, i = self.cache.layer_slot[layer]
         k_cache, v_cache = self.cache.k[g][i], self.cache.v[g][i]
         meta, gm = self.meta, self.meta.groups[g]
-        fast = gm.decode_key_slots is not None
-        if fast and k_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        fp8 = self.cache.scales is not None
+        kv_scales = dict(zip(("k_scale", "v_scale"), self.cache.scales[layer])) if fp8 else {}
+        fast = gm.decode_key_slots is not None and not fp8
+        if fast:
             flat = (-1, *k_cache.shape[2:])
             k_cache.view(flat).index_copy_(0, gm.slot_mapping, k.to(k_cache.dtype))
             v_cache.view(flat).index_copy_(0, gm.slot_mapping, v.to(v_cache.dtype))
         else:
-            ops.write_kv_cache(k, v, k_cache, v_cache, gm.slot_mapping)
+            ops.write_kv_cache(k, v, k_cache, v_cache, gm.slot_mapping, **kv_scales)
         d = meta.num_decodes
         parts = []
         if d and fast:
@@ -101,10 +114,10 @@ class PagedAttention:
         elif d:
             parts.append(ops.paged_decode_attention(
                 q[:d], k_cache, v_cache, gm.block_tables, gm.context_lens,
-                scale=scale, sliding_window=sliding_window, softcap=softcap,
+                scale=scale, sliding_window=sliding_window, softcap=softcap, **kv_scales,
             ))
         if q.shape[0] > d:
-            if gm.prefill_key_slots is None:
+            if gm.prefill_key_slots is None:  # never with FP8: prefills read the rounded cache
                 keys, values, cu_k = k[d:], v[d:], meta.cu_seqlens_q
             else:
                 flat = (-1, *k_cache.shape[2:])
@@ -114,6 +127,7 @@ class PagedAttention:
             parts.append(ops.prefill_attention(
                 q[d:], keys, values, meta.cu_seqlens_q, cu_k,
                 scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap,
+                **(kv_scales if gm.prefill_key_slots is not None else {}),
             ))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -41,6 +41,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV-cache size in GiB (default: 1 on CPU, the free memory on CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "model"),
+                   help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
+                        "model's dtype; fp8: always (CPU: reference attention); model: never FP8")
     p.add_argument("--max-queue", type=int, default=128,
                    help="sequences allowed to wait beyond --max-num-seqs; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
@@ -90,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine_config = {"enable_prefix_caching": not args.no_prefix_caching,
+                     "kv_cache_dtype": args.kv_cache_dtype,
                      "max_num_seqs": args.max_num_seqs or (256 if device == "cuda" else 32)}
     if args.max_model_len is not None:
         engine_config["max_model_len"] = args.max_model_len
