@@ -81,7 +81,10 @@ class AsyncLLMEngine:
             if not finished:
                 self._submit(("abort", request_id, None))
 
-    async def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:
+        """Queue an abort; the engine thread frees the request's blocks before its next step.
+        A plain method (callable from any thread, and from ``finally`` blocks of cancelled tasks,
+        where an ``await`` would be cancelled again before it ran)."""
         self._submit(("abort", request_id, None))
 
     def is_alive(self) -> bool:

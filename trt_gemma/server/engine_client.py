@@ -13,7 +13,6 @@ latency of everything in it) is bounded however fast clients arrive. The count i
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -128,9 +127,7 @@ class EngineClient:
         """Synchronous on purpose: it runs in ``finally`` blocks of cancelled tasks, where a
         further ``await`` would be cancelled again before it could do anything."""
         try:
-            result = self.engine.abort(request_id)
-            if inspect.isawaitable(result):  # AsyncLLMEngine.abort is async: let it run alone
-                asyncio.ensure_future(result)
+            self.engine.abort(request_id)
         except Exception:
             logger.exception("aborting request %s failed", request_id)
 
