@@ -142,7 +142,8 @@ class _Logits:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits[: hidden.shape[0]]
 
-    greedy_logits = compute_logits
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        return self.logits[: hidden.shape[0]].argmax(dim=-1).tolist()
 
 
 def step_overhead(model, tokenizer, batch_sizes=(1, 32, 256), steps: int = 20) -> dict:

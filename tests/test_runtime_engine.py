@@ -256,3 +256,25 @@ def test_int8_kernel_rounds_once_as_the_greedy_head_bound_assumes():
     terms = (h.double().abs() @ q.double().abs().t()) * scale.double()
     bound = exact.abs() * 2.0**-8 * 1.004 + terms * 640 * 2.0**-24
     assert ((out - exact).abs() <= bound).all()
+
+
+def test_greedy_tokens_walks_the_vocabulary_in_chunks(tiny, monkeypatch):
+    import trt_gemma.model as model_module
+    from trt_gemma.model import GemmaModel
+
+    _, model = tiny("gemma3-gqa")
+    monkeypatch.setattr(model_module, "GREEDY_CHUNK", 100)  # 512 tokens: 6 chunks, one partial
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(7, model.config.hidden_size, generator=g) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        m = GemmaModel(model.config, model.embed.to(dtype), model.layers, model.final_norm,
+                       model.lm_head.to(dtype))
+        h = hidden.to(dtype)
+        assert m.greedy_tokens(h) == m.compute_logits(h).argmax(-1).tolist()
+    # A tie between chunks 0 and 2 goes to the lowest id, as torch.argmax does.
+    head = torch.randn(512, model.config.hidden_size, generator=g) * 0.01
+    u = torch.zeros(model.config.hidden_size)
+    u[0] = 1.0
+    head[30] = head[230] = u * 10
+    m = GemmaModel(model.config, model.embed, model.layers, model.final_norm, head)
+    assert m.greedy_tokens(u[None]) == [30] == m.compute_logits(u[None]).argmax(-1).tolist()

@@ -67,6 +67,9 @@ def _split_linear(x: torch.Tensor, weight: Any, sizes: list[int]) -> list[torch.
     return list(ops.linear(x, weight).split(sizes, dim=-1))
 
 
+GREEDY_CHUNK = 32768  # vocabulary rows per chunk of GemmaModel.greedy_tokens on CPU
+
+
 class GemmaModel:
     """Gemma decoder. Build with ``from_state_dict``; call ``forward`` then ``compute_logits``."""
 
@@ -184,8 +187,24 @@ class GemmaModel:
         return ops.softcap(logits, self.config.final_logit_softcapping)
 
     @torch.inference_mode()
-    def greedy_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] logits for an argmax only: in the model's dtype (widening to
-        fp32 is exact, so the argmax is the same without a [N, vocab] copy) and without the final
-        soft-cap (monotonic)."""
-        return ops.linear(hidden, self.lm_head)
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """The argmax of each row's logits (lowest id on ties, as ``torch.argmax``).
+
+        Computed in the model's dtype (widening to fp32 is exact, so the argmax is the same) and
+        without the final soft-cap (monotonic). On CPU the vocabulary is walked in chunks of
+        ``GREEDY_CHUNK`` rows, keeping a running max: the [rows, vocab] logits are never written
+        out (measured on 2 cores, 32 rows of the 262k x 640 head: 59 -> 49 ms).
+        """
+        head = self.lm_head
+        if not isinstance(head, torch.Tensor) or hidden.device.type != "cpu":
+            return ops.linear(hidden, head).argmax(dim=-1).tolist()
+        best_value = best_index = None
+        for start in range(0, head.shape[0], GREEDY_CHUNK):
+            value, index = ops.linear(hidden, head[start:start + GREEDY_CHUNK]).max(dim=-1)
+            if best_value is None:
+                best_value, best_index = value, index
+            else:
+                better = value > best_value  # ties keep the earlier chunk: the lowest id
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index + start, best_index)
+        return best_index.tolist()
