@@ -47,8 +47,8 @@ def _grid(codes, scales, zeros, group_size):
     return (codes.double() - zero) * per_channel(scales)
 
 
-def _naive_gptq(w, h, scales, zeros, group_size, damp):
-    """OBS updates column by column with an explicit inverse Hessian, in float64."""
+def _naive_gptq(w, h, scales, zeros, group_size, damp, order=None):
+    """OBS updates column by column (in ``order``) with an explicit inverse Hessian, float64."""
     w = w.double().clone()
     k = w.shape[1]
     h = h.double() + damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
@@ -56,28 +56,32 @@ def _naive_gptq(w, h, scales, zeros, group_size, damp):
     zero = zeros.double() if zeros is not None else torch.full_like(scales.double(), 8.0)
     step = scales.double()
     codes = torch.empty(w.shape, dtype=torch.uint8)
-    for j in range(k):
+    remaining = torch.ones(k, dtype=torch.bool)
+    for j in (order.tolist() if order is not None else range(k)):
         g = j // group_size
         q = ((w[:, j] / step[:, g]).round() + zero[:, g]).clamp(0, 15)
         codes[:, j] = q.to(torch.uint8)
         err = (w[:, j] - (q - zero[:, g]) * step[:, g]) / hinv[j, j]
-        w[:, j:] -= err[:, None] * hinv[j, j:][None, :]
+        remaining[j] = False
+        w[:, remaining] -= err[:, None] * hinv[j, remaining][None, :]
         # Remove column j from the problem: H^-1 of the remaining columns.
         hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
     return codes
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(("k", "group_size", "scale_dtype"),
                          [(256, 64, torch.float32), (200, 64, torch.bfloat16)])
-def test_diagonal_hessian_gives_rtn_codes_exactly(symmetric, k, group_size, scale_dtype):
+def test_diagonal_hessian_gives_rtn_codes_exactly(symmetric, k, group_size, scale_dtype,
+                                                  act_order):
     g = _gen(1)
     w = torch.randn(48, k, generator=g) * 0.03
     h = torch.diag(torch.rand(k, generator=g) * 5 + 0.1)
     h[3, 3] = 0.0  # a channel that was never active
     codes, scales, zeros = quantize_int4_codes(w, group_size, symmetric=symmetric,
                                                scale_dtype=scale_dtype)
-    got = gptq_codes(w, h, scales, zeros, group_size, block_size=32)
+    got = gptq_codes(w, h, scales, zeros, group_size, block_size=32, act_order=act_order)
     assert torch.equal(got, codes)
 
 
@@ -114,6 +118,11 @@ def test_blocked_cholesky_sweep_matches_the_unblocked_obs_updates():
         got = gptq_codes(w, h, scales, zeros, group, damp=0.01, block_size=block)
         # Same math in a different order: only a value sitting on a rounding tie may differ.
         assert (got != want).float().mean() < 0.005, block
+    # Act order: columns visited by descending diag(H), each on its own group's grid.
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    want = _naive_gptq(w, h, scales, zeros, group, damp=0.01, order=order)
+    got = gptq_codes(w, h, scales, zeros, group, damp=0.01, block_size=17, act_order=True)
+    assert (got != want).float().mean() < 0.005
 
 
 def test_packed_weight_round_trips_and_keeps_rtns_grid():

@@ -51,7 +51,11 @@ AWQ_GRID = 20  # llm-awq's n_grid
 INT4_SYMMETRIC = False
 # GPTQ codes on the AWQ grid for int4-awq (docs/quantization.md has the measured gain).
 INT4_AWQ_GPTQ = True
-GPTQ_DAMP = 0.1  # of mean(diag H): 0.03..0.3 measured alike, 0.01 overfits 2k tokens
+# Columns by descending diag(H) (static grid, codes stay in place: same format). Damping 0.1 of
+# mean(diag H), not GPTQ's usual 0.01: with ~2k calibration tokens against inputs up to 2048
+# wide, 0.01 fits the calibration text and loses on other text (docs/quantization.md).
+GPTQ_ACT_ORDER = True
+GPTQ_DAMP = 0.1
 
 
 def needs_calibration(quant: QuantConfig) -> bool:
@@ -169,7 +173,8 @@ def _quantize_on_device(group: LinearGroup, ws: list[torch.Tensor], quant: Quant
         out = awq_rtn
         if gptq:  # one sweep over the group's stacked rows: they share the input, hence H
             q = quantize_int4_gptq(torch.cat(scaled), h, gs, symmetric=INT4_SYMMETRIC,
-                                   scale_dtype=dtype, damp=GPTQ_DAMP)
+                                   scale_dtype=dtype, damp=GPTQ_DAMP,
+                                   act_order=GPTQ_ACT_ORDER)
             out = [dataclasses.replace(r, pre_quant_scale=pqs)
                    for r in split_int4_rows(q, [w.shape[0] for w in ws])]
     else:

@@ -16,8 +16,10 @@ The grid is *static* ("static groups" in the reference code): per-group scales a
 fixed before the sweep, here from the (AWQ-scaled, clipped) weight by the ordinary RTN grid, and
 GPTQ only chooses codes in 0..15 on that grid. So the stored format is exactly ``Int4Weight``
 (packed codes, scales ``[out, G]``, uint8 zeros, optional ``pre_quant_scale``) and nothing
-downstream changes. Columns are visited in their natural order (no act-order: with static groups
-it would need a permutation the format cannot store).
+downstream changes. ``act_order`` visits the columns by descending ``diag(H)`` (the paper's
+"act order": the most active inputs first, while there are still many columns left to absorb
+their error); since the grid is static each column keeps its own group's step and zero, and the
+codes are put back in their original column, so the format still needs no permutation.
 
 With a diagonal ``H`` (uncorrelated inputs) every correction is zero and GPTQ returns RTN's codes
 exactly. For AWQ-scaled weights ``W * s`` whose inputs are ``x / s``, use
@@ -84,6 +86,7 @@ def gptq_codes(
     *,
     damp: float = DEFAULT_DAMP,
     block_size: int = DEFAULT_BLOCK,
+    act_order: bool = False,
 ) -> torch.Tensor:  # uint8 [out, in] codes in 0..15
     """GPTQ's codes for ``weight`` on the given grid (see the module docstring)."""
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -105,8 +108,16 @@ def gptq_codes(
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"gptq_codes: block_size must be a positive int, got {block_size!r}")
 
-    u = _inverse_cholesky(hessian.to(weight.device), damp)  # [in, in] upper
+    hessian = hessian.to(weight.device)
     w = weight.float().clone()
+    # Column order: natural, or descending diag(H) ("act order"). The grid is static and each
+    # column keeps its own group's step and zero, so codes go back to their original place and
+    # the format needs no permutation.
+    order = (torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order
+             else torch.arange(k, device=w.device))
+    u = _inverse_cholesky(hessian[order][:, order], damp)  # [in, in] upper
+    w = w[:, order]
+    group_of = (order // group_size).tolist()
     step = scales.float()
     zero = zeros.float() if zeros is not None else torch.full_like(step, float(SYMMETRIC_ZERO))
     codes = torch.empty(out, k, dtype=torch.uint8, device=w.device)
@@ -116,7 +127,7 @@ def gptq_codes(
         errs = torch.empty_like(wb)
         ub = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            g = (b0 + j) // group_size
+            g = group_of[b0 + j]
             col = wb[:, j]
             # The exact expression of the RTN quantizer (int4.py), so equal inputs give equal codes.
             q = ((col / step[:, g]).round() + zero[:, g]).clamp(0, 15)
@@ -125,7 +136,9 @@ def gptq_codes(
             wb[:, j:] -= err[:, None] * ub[j, j:][None, :]
             errs[:, j] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return codes
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, order] = codes
+    return unpermuted
 
 
 def quantize_int4_gptq(
@@ -137,12 +150,13 @@ def quantize_int4_gptq(
     scale_dtype: torch.dtype | None = None,
     damp: float = DEFAULT_DAMP,
     block_size: int = DEFAULT_BLOCK,
+    act_order: bool = False,
 ) -> Int4Weight:
     """Group-wise INT4 with RTN's grid (scales, zeros from ``weight``) and GPTQ's codes."""
     _, scales, zeros = quantize_int4_codes(weight, group_size, symmetric=symmetric,
                                            scale_dtype=scale_dtype)
     codes = gptq_codes(weight, hessian, scales, zeros, group_size, damp=damp,
-                       block_size=block_size)
+                       block_size=block_size, act_order=act_order)
     if codes.shape[1] % 2:
         raise ValueError(f"INT4 packing needs an even input width, got {codes.shape[1]}")
     return Int4Weight(qweight=pack_int4(codes), scales=scales, zeros=zeros, pre_quant_scale=None,
@@ -160,3 +174,4 @@ def split_int4_rows(weight: Int4Weight, rows: list[int]) -> list[Int4Weight]:
         out.append(dataclasses.replace(weight, **part))
         r0 += r
     return out
+
