@@ -17,8 +17,8 @@ Where 1/s goes: the ``Int4Weight`` keeps it as ``pre_quant_scale`` and the GEMM 
 works for every linear, including o_proj, whose input under GQA cannot be rescaled per channel by
 editing v_proj. For q/k/v and gate/up the converter may instead fold 1/s into the preceding Gemma
 RMSNorm with ``fold_into_gemma_norm`` (the norm multiplies by ``1 + w``, so
-``w' = (1 + w) / s - 1``) and drop the vector. Clipping search (llm-awq's ``auto_clip``) is not
-implemented.
+``w' = (1 + w) / s - 1``) and drop the vector. llm-awq's clipping search (``auto_clip``) is in
+``clip.py``; the converter's default codes on the AWQ grid come from GPTQ (``gptq.py``).
 """
 
 from __future__ import annotations
