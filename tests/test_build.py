@@ -111,6 +111,38 @@ def test_every_mode_builds_loads_and_stays_close(tiny_gemma3_dir, tmp_path, mode
     assert result.output_bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
+def test_sequential_gptq_sees_the_quantized_layers_below(tiny_gemma3_dir, tmp_path,
+                                                         monkeypatch):
+    """With GPTQ_SEQUENTIAL, layer i is calibrated on a model whose layers < i are the stored
+    INT4 weights (dequantized), and the engine still builds, loads and runs."""
+    from trt_gemma.build import quantize
+
+    seen = {}
+    real = quantize._recalibrate
+
+    def spy(config, weights, stats, groups, layer, device):
+        seen[layer] = weights[f"layers.{layer - 1}.self_attn.q_proj.weight"].clone()
+        fresh = real(config, weights, stats, groups, layer, device)
+        assert set(fresh.inputs) == {g.name for g in groups}
+        return fresh
+
+    monkeypatch.setattr(quantize, "GPTQ_SEQUENTIAL", True)
+    monkeypatch.setattr(quantize, "_recalibrate", spy)
+    out = tmp_path / "seq"
+    result = _build(tiny_gemma3_dir, out, quant="int4-awq", group_size=64, dtype="float32",
+                    calib_tokens=256)
+    engine = read_engine(out)
+    n = engine.config.num_hidden_layers
+    assert sorted(seen) == list(range(1, n))
+    weights = engine.load_weights()
+    for layer, w in seen.items():
+        stored = weights[f"layers.{layer - 1}.self_attn.q_proj.weight"]
+        assert torch.equal(w, stored.dequantize(torch.float32))
+    assert all(g.gptq_error is not None for g in result.report.groups)
+    rel = float((_logits(out) - _logits(tiny_gemma3_dir)).norm() / _logits(tiny_gemma3_dir).norm())
+    assert rel < 0.6, rel
+
+
 def test_quantize_lm_head_unties_and_runs(tiny_gemma3_dir, tmp_path):
     out = tmp_path / "head"
     _build(tiny_gemma3_dir, out, quant="int4", group_size=64, quantize_lm_head=True)

@@ -103,6 +103,11 @@ class CalibrationStats:
     v_amax: torch.Tensor  # [num_layers] fp32
     num_tokens: int  # tokens run through the model, BOS of each window included
     num_windows: int
+    # How the run was made, so a converter can re-run it on partly quantized weights.
+    windows: list[list[int]] = field(default_factory=list, repr=False)
+    max_rows: int = 1024
+    dtype: torch.dtype = torch.float32
+    hessians: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {"num_tokens": self.num_tokens, "num_windows": self.num_windows,
@@ -219,4 +224,5 @@ def calibrate(
         if progress is not None:
             progress(len(ids))
     return CalibrationStats(inputs=stats, k_amax=k_amax, v_amax=v_amax, num_tokens=total,
-                            num_windows=len(windows))
+                            num_windows=len(windows), windows=windows, max_rows=max_rows,
+                            dtype=dtype, hessians=hessians)
