@@ -36,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="auto | fp8 (default: the profile's choice, else auto)")
     p.add_argument("--group-size", type=int, default=128, help="INT4 channels per scale")
     p.add_argument("--calib-text", default=None, help="calibration text file (default: bundled)")
-    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens at most")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens at most")
     p.add_argument("--profile", default=None,
                    help="rtx4090 | l4 | l40s | a100-80gb | h100-80gb | h200")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
