@@ -155,7 +155,7 @@ def step_overhead(model, tokenizer, batch_sizes=(1, 32, 256), steps: int = 20) -
     for batch in batch_sizes:
         engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=256 << 20,
                                                           greedy_head_max_rows=0))
-        runner, sched, sampler = engine.runner, engine.scheduler, engine.sampler
+        runner, sched = engine.runner, engine.scheduler
         runner.run = lambda b: hidden[: b.logits_indices.numel()]  # the forward, excluded
         engine.model = _Logits(model, logits)  # the LM head, excluded
         timers = {"schedule": 0.0, "prepare_inputs": 0.0, "sample": 0.0}
@@ -170,9 +170,7 @@ def step_overhead(model, tokenizer, batch_sizes=(1, 32, 256), steps: int = 20) -
 
         sched.schedule = timed("schedule", sched.schedule)
         runner.prepare = timed("prepare_inputs", runner.prepare)
-        engine.sampler = timed("sample", sampler)
-        engine.sampler.stop_token_ids = sampler.stop_token_ids
-        engine.sampler.is_plain_greedy = sampler.is_plain_greedy
+        engine._sample = timed("sample", engine._sample)  # greedy rows never reach the Sampler
         prompt = tokenizer.encode(TEXT)[:32]
         for i in range(batch):
             engine.add_request(str(i), prompt, _params(steps + 10))
