@@ -73,7 +73,6 @@ class LLMEngine:
         # Every admitted sequence must be able to finish alone, whatever else runs.
         self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
         self.scheduler = Scheduler(config, self.block_manager)
-        self.kv_cache_dtype = kv_dtype
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len,
                                   config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)

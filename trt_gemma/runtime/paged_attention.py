@@ -63,8 +63,12 @@ class KVCache:
         if (dtype == FP8_DTYPE) != (scales is not None):
             raise ValueError("KVCache: an FP8 cache needs per-layer (k_scale, v_scale), and only "
                              "an FP8 cache takes them")
-        # FP8: per model layer, the cache stores k / k_scale and v / v_scale in e4m3.
-        self.scales = scales
+        # FP8: per model layer, the cache stores k / k_scale and v / v_scale in e4m3. The scales
+        # live on the device as [1] fp32 tensors, made once: kernels read them by pointer, and
+        # no per-step host-to-device copy breaks a CUDA-graph capture.
+        self.scales = None if scales is None else [
+            tuple(torch.tensor([s], dtype=torch.float32, device=device) for s in pair)
+            for pair in scales]
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.layer_slot: dict[int, tuple[int, int]] = {}  # model layer -> (group, index)
