@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from trt_gemma.runtime.int8_decode import Int8RowWeight
+
 _MAX_CANDIDATES = 1024  # more than this (a near-uniform row): compute the row's full logits
 
 # Built once per head tensor (~3 s for Gemma 3 270M) and shared by every engine on that model;
@@ -40,16 +42,6 @@ def available(lm_head) -> bool:
             and hasattr(torch, "_weight_int8pack_mm"))
 
 
-def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 rows and bf16 per-row scales (rounded up, so no value needs more than +-127)."""
-    amax = w.abs().amax(dim=1).clamp(min=1e-30)
-    scale = (amax / 127).to(torch.bfloat16)
-    low = scale.float() * 127 < amax
-    scale[low] = torch.nextafter(scale[low], torch.full_like(scale[low], float("inf")))
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
 def greedy_head_for(lm_head: torch.Tensor) -> GreedyHead:
     derived = _CACHE.get(lm_head)  # holds no reference to the head: the key can still die
     if derived is None:
@@ -60,8 +52,9 @@ def greedy_head_for(lm_head: torch.Tensor) -> GreedyHead:
 def _derive(lm_head: torch.Tensor) -> dict[str, torch.Tensor]:
     """The int8 head and the per-token norms the error bound needs."""
     w = lm_head.float()
-    q, scale = _quantize(w)
-    approx = q.float() * scale.float()[:, None]
+    int8 = Int8RowWeight.from_dense(w, torch.bfloat16)  # the kernel takes bf16 activations
+    q, scale = int8.q, int8.scale
+    approx = int8.dequantize()
     norm_w = w.norm(dim=1)
     return {"q": q, "scale": scale, "norm_residual": (w - approx).norm(dim=1),
             "norm_w": norm_w, "norm_acc": 1.01 * (approx.norm(dim=1) + norm_w)}

@@ -44,10 +44,15 @@ class Int8RowWeight:
     scale: torch.Tensor  # in the activation dtype, as the kernel takes it
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor) -> Int8RowWeight:
+    def from_dense(cls, weight: torch.Tensor,
+                   scale_dtype: torch.dtype | None = None) -> Int8RowWeight:
+        """Per-row amax / 127, stored in ``scale_dtype`` (default: the weight's) rounded *up*,
+        so no value needs more than +-127 and none is clipped."""
         w = weight.float()
         amax = w.abs().amax(dim=1).clamp(min=1e-30)
-        scale = (amax / 127).to(weight.dtype)
+        scale = (amax / 127).to(scale_dtype or weight.dtype)
+        low = scale.float() * 127 < amax
+        scale[low] = torch.nextafter(scale[low], torch.full_like(scale[low], float("inf")))
         q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scale)
 
