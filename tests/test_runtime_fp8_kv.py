@@ -119,3 +119,7 @@ def test_engine_built_with_fp8_kv_generates_with_it(tiny_gemma3_dir, tmp_path, c
     code = cli.main(["generate", str(out), "ab", "--max-tokens", "4", "--kv-cache-dtype", "fp8",
                      "--dtype", "float32", "--quiet"])
     assert code == 0
+    capsys.readouterr()
+    code = cli.main(["generate", str(out), "ab", "--kv-cache-dtype", "int8", "--dtype", "float32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "kv_cache_dtype" in err[0] and "'int8'" in err[0]

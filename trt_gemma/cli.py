@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the generated text")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "model"),
+    p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
                         "model's dtype; fp8: always; model: never FP8")
     p.set_defaults(func=cmd_generate)

@@ -41,7 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV-cache size in GiB (default: 1 on CPU, the free memory on CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "model"),
+    p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
                         "model's dtype; fp8: always (CPU: reference attention); model: never FP8")
     p.add_argument("--max-queue", type=int, default=128,
