@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hf_tiny import save_tiny_checkpoint
 
@@ -12,16 +11,6 @@ from trt_gemma.runtime import EngineConfig, LLMEngine
 from trt_gemma.sampling_params import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models are all small ops: one thread is as fast and immune to OpenMP barriers
-    waiting on a descheduled thread when the machine is shared (10-20 ms per op seen)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_models(directory, variant):

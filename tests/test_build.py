@@ -40,14 +40,7 @@ MODES = ("none", "fp8", "int4-awq", "int4")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These tests run many small ops; on a shared 2-core box two OpenMP threads per op wait on each
-    # other whenever another process holds a core (measured: 41 s -> 6 s for one AWQ test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(src, out, **kw):

@@ -24,14 +24,7 @@ from trt_gemma.loader import load_model
 IDS = [2] + list(range(10, 90))  # BOS + 80 text ids (all inside the tiny vocab)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These tests run many small ops; on a shared 2-core box two OpenMP threads per op wait on each
-    # other whenever another process holds a core (measured: 41 s -> 6 s for one AWQ test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_windows_predict_every_token_once():

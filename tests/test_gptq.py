@@ -15,12 +15,7 @@ from trt_gemma.quant.gptq import gptq_codes, quantize_int4_gptq, scale_hessian, 
 from trt_gemma.quant.int4 import quantize_int4_codes, quantize_int4_rtn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from runtime_helpers import (  # noqa: F401 - one_thread is a fixture
+from runtime_helpers import (
     CharTokenizer,
     greedy,
     make_engine,
-    one_thread,
     random_prompts,
     tiny_models,
 )

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_helpers import (  # noqa: F401 - one_thread is a fixture
+from runtime_helpers import (
     CharTokenizer,
     drain,
     generate_alone,
     greedy,
     make_engine,
-    one_thread,
     random_prompts,
     tiny_models,
 )

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_tiny import save_tiny_checkpoint
-from runtime_helpers import (  # noqa: F401 - one_thread is a fixture
+from runtime_helpers import (
     drain,
     greedy,
     make_engine,
-    one_thread,
     random_prompts,
     tiny_models,
 )

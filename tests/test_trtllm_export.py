@@ -29,14 +29,7 @@ from trt_gemma.kernels.gemm_w4a16 import unpack_int4
 OPTS = dict(kv_cache_dtype="fp8", group_size=64, dtype="bfloat16", calib_tokens=512, calib_rows=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These tests run many small ops; on a shared 2-core box two OpenMP threads per op wait on each
-    # other whenever another process holds a core (measured: 41 s -> 6 s for one AWQ test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(src, tmp_path, mode):

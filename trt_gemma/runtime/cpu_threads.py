@@ -39,8 +39,10 @@ class ThreadChooser:
 
     def threads(self, num_tokens: int) -> int:
         """The thread count for a step of ``num_tokens`` tokens."""
-        if num_tokens >= self.small_below or not self._probing:
-            return self.max_threads if num_tokens >= self.small_below else self.choice
+        if num_tokens >= self.small_below:
+            return self.max_threads
+        if not self._probing:
+            return self.choice
         # Alternate candidates so both see the same stretch of machine load and context length.
         done = sum(len(s) for s in self._samples.values())
         return self.candidates[done % len(self.candidates)]

@@ -65,9 +65,11 @@ class KVCache:
                              "an FP8 cache takes them")
         # FP8: per model layer, the cache stores k / k_scale and v / v_scale in e4m3. The scales
         # live on the device as [1] fp32 tensors, made once: kernels read them by pointer, and
-        # no per-step host-to-device copy breaks a CUDA-graph capture.
+        # no per-step host-to-device copy breaks a CUDA-graph capture. Kept as the attention
+        # ops' keyword arguments, ready to pass.
         self.scales = None if scales is None else [
-            tuple(torch.tensor([s], dtype=torch.float32, device=device) for s in pair)
+            {name: torch.tensor([s], dtype=torch.float32, device=device)
+             for name, s in zip(("k_scale", "v_scale"), pair, strict=True)}
             for pair in scales]
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -102,7 +104,7 @@ class PagedAttention:
         k_cache, v_cache = self.cache.k[g][i], self.cache.v[g][i]
         meta, gm = self.meta, self.meta.groups[g]
         fp8 = self.cache.scales is not None
-        kv_scales = dict(zip(("k_scale", "v_scale"), self.cache.scales[layer])) if fp8 else {}
+        kv_scales = self.cache.scales[layer] if fp8 else {}
         fast = gm.decode_key_slots is not None and not fp8
         if fast:
             flat = (-1, *k_cache.shape[2:])
