@@ -67,6 +67,30 @@ def _split_linear(x: torch.Tensor, weight: Any, sizes: list[int]) -> list[torch.
     return list(ops.linear(x, weight).split(sizes, dim=-1))
 
 
+@dataclass
+class NormScales:
+    """One layer's RMSNorm factors ``(1 + w)`` in fp32 (``ops.norm_scale``), made once per model
+    rather than on every call."""
+
+    input: torch.Tensor
+    post_attn: torch.Tensor | None
+    pre_ff: torch.Tensor
+    post_ff: torch.Tensor | None
+    qk: torch.Tensor | None  # [heads + kv_heads, head_dim]: q_norm per query head, then k_norm
+
+    @classmethod
+    def of(cls, w: LayerWeights, config: GemmaConfig) -> NormScales:
+        def scale(t):
+            return None if t is None else ops.norm_scale(t)
+
+        qk = None
+        if w.q_norm is not None:  # q and k are normed (and roped) as one [T, H + Hkv, hd] tensor
+            qk = torch.cat([scale(w.q_norm).expand(config.num_attention_heads, -1),
+                            scale(w.k_norm).expand(config.num_key_value_heads, -1)])
+        return cls(scale(w.input_norm), scale(w.post_attn_norm), scale(w.pre_ff_norm),
+                   scale(w.post_ff_norm), qk)
+
+
 GREEDY_CHUNK = 32768  # vocabulary rows per chunk of GemmaModel.greedy_tokens on CPU
 
 
@@ -84,6 +108,8 @@ class GemmaModel:
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.final_norm = final_norm
+        self.norm_scales = [NormScales.of(w, config) for w in layers]
+        self.final_norm_scale = ops.norm_scale(final_norm)
         self.lm_head = lm_head  # the embedding itself when tied
         self.dtype = embed.dtype
         self.device = embed.device
@@ -140,40 +166,45 @@ class GemmaModel:
         cfg = self.config
         x = self.embed[input_ids] * self.normalizer
         rope = {}  # (base, scaling) -> (cos, sin): computed once per forward, shared by layers
-        for i, w in enumerate(self.layers):
+        eps = cfg.rms_norm_eps
+        for i, (w, ns) in enumerate(zip(self.layers, self.norm_scales, strict=True)):
             key = cfg.layer_rope(i)
             if key not in rope:
                 rope[key] = ops.rope_cos_sin(positions, cfg.head_dim, *key, dtype=x.dtype)
             residual = x
-            h = ops.rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            h = self._attention(i, w, h, *rope[key], attention)
-            if w.post_attn_norm is not None:
-                h = ops.rms_norm(h, w.post_attn_norm, cfg.rms_norm_eps)
+            h = ops.rms_norm(x, ns.input, eps)
+            h = self._attention(i, w, ns, h, *rope[key], attention)
+            if ns.post_attn is not None:
+                h = ops.rms_norm(h, ns.post_attn, eps)
             x = residual + h
             residual = x
-            h = ops.rms_norm(x, w.pre_ff_norm, cfg.rms_norm_eps)
+            h = ops.rms_norm(x, ns.pre_ff, eps)
             gate, up = _split_linear(h, w.gate_up, [cfg.intermediate_size] * 2)
             h = ops.linear(ops.gelu_tanh_and_mul(gate, up), w.down)
-            if w.post_ff_norm is not None:
-                h = ops.rms_norm(h, w.post_ff_norm, cfg.rms_norm_eps)
+            if ns.post_ff is not None:
+                h = ops.rms_norm(h, ns.post_ff, eps)
             x = residual + h
-        return ops.rms_norm(x, self.final_norm, cfg.rms_norm_eps)
+        return ops.rms_norm(x, self.final_norm_scale, eps)
 
-    def _attention(self, i: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+    def _attention(self, i: int, w: LayerWeights, ns: NormScales, h: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor,
+                   attention: AttentionBackend) -> torch.Tensor:
         cfg = self.config
-        n = h.shape[0]
-        q, k, v = _split_linear(h, w.qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size])
-        q = q.view(n, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(n, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
-        if w.q_norm is not None:
-            q = ops.rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = ops.rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        q = ops.apply_rope(q, cos, sin)
-        k = ops.apply_rope(k, cos, sin)
+        n, hd = h.shape[0], cfg.head_dim
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        if isinstance(w.qkv, tuple):
+            q, k, v = (ops.linear(h, part) for part in w.qkv)
+            qk = torch.cat([q.view(n, heads, hd), k.view(n, kv_heads, hd)], dim=1)
+        else:  # q and k side by side in the fused output: one view, no copy
+            qkv = ops.linear(h, w.qkv)
+            qk = qkv[:, :cfg.q_size + cfg.kv_size].view(n, heads + kv_heads, hd)
+            v = qkv[:, cfg.q_size + cfg.kv_size:]
+        v = v.view(n, kv_heads, hd)
+        if ns.qk is not None:
+            qk = ops.rms_norm(qk, ns.qk, cfg.rms_norm_eps)
+        qk = ops.apply_rope(qk, cos, sin)
         o = attention.attend(
-            i, q, k, v,
+            i, qk[:, :heads], qk[:, heads:], v,
             scale=cfg.attention_scale,
             sliding_window=cfg.layer_window(i),
             softcap=cfg.attn_logit_softcapping,

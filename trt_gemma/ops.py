@@ -54,11 +54,22 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
 # Norms and activations -----------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma RMSNorm: normalise in fp32, multiply by (1 + weight) in fp32, round to x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * (1.0 + weight.float())).to(x.dtype)
+def norm_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm multiplies by ``(1 + weight)`` in fp32: that factor, made once per model."""
+    return 1.0 + weight.float()
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm: normalise in fp32, multiply by ``scale = norm_scale(weight)`` (fp32, the
+    last dim's size, or broadcastable to x, e.g. per head), round to x's dtype.
+
+    One fused ``F.rms_norm`` instead of five elementwise ops: a decode step runs six norms per
+    layer, and on CPU each op costs its dispatch more than its arithmetic. Same math, same bits.
+    """
+    dim = (x.shape[-1],)
+    if scale.shape == dim:
+        return F.rms_norm(x.float(), dim, scale, eps).to(x.dtype)
+    return (F.rms_norm(x.float(), dim, None, eps) * scale).to(x.dtype)
 
 
 def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -75,23 +86,29 @@ def rope_cos_sin(
     base: float,
     scaling: float,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, head_dim], [T, head_dim]) in dtype
-    """cos/sin of HF's rotate-half rope; linear scaling divides positions by ``scaling``."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, 1, head_dim], [T, 1, head_dim]) in dtype
+    """cos and *signed* sin of HF's rotate-half rope, shaped to broadcast over heads; linear
+    scaling divides positions by ``scaling``.
+
+    rotate_half(x) * sin == roll(x, half) * signed_sin, with signed_sin = (-sin_lo, sin_hi):
+    a sign flip is exact, so ``apply_rope`` gives the reference's bits in four ops, not nine.
+    """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
     inv_freq = 1.0 / (base ** (exponent / head_dim)) / scaling
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[:, : head_dim // 2].neg_()
+    return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
 def apply_rope(
     x: torch.Tensor,  # [T, heads, head_dim]
-    cos: torch.Tensor,  # [T, head_dim]
-    sin: torch.Tensor,  # [T, head_dim]
+    cos: torch.Tensor,  # [T, 1, head_dim]
+    signed_sin: torch.Tensor,  # [T, 1, head_dim], from rope_cos_sin
 ) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """x * cos + rotate_half(x) * sin (HF's rotate-half convention)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 # Attention -----------------------------------------------------------------------------------
