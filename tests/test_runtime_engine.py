@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from runtime_helpers import (
     CharTokenizer,
     drain,
@@ -226,15 +227,33 @@ def test_logprobs_and_stats(tiny):
     assert stats.num_finished_requests == 1 and stats.kv_cache_usage == 0.0
 
 
-def test_greedy_head_gives_the_argmax_of_the_full_head(tiny):
-    from trt_gemma.runtime.greedy_head import GreedyHead, available
+def test_greedy_head_gives_the_argmax_of_the_full_head(tiny, monkeypatch):
+    import trt_gemma.runtime.greedy_head as greedy_head
+    from trt_gemma.runtime.greedy_head import GreedyHead, Screen, available
 
     _, model = tiny("gemma2-gqa")
     assert available(model.lm_head)
-    head = GreedyHead(model.lm_head)
-    hidden = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    hidden *= torch.rand(64, 1) * 4  # flat and peaked rows
-    assert head(hidden) == model.compute_logits(hidden).argmax(-1).tolist()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, model.config.hidden_size, generator=g)
+    hidden *= torch.rand(64, 1, generator=g) * 4  # flat and peaked rows
+    hidden[:8, :3] *= 30  # outlier channels, as Gemma's final hidden states have
+    # Near-ties: rows 16.. moved so that their top two logits differ by far less than the int8
+    # pre-pass's error; its own argmax is then often wrong, and only the bound saves the row.
+    head = model.lm_head.float()
+    top2 = F.linear(hidden[16:], head).topk(2).indices
+    d = head[top2[:, 0]] - head[top2[:, 1]]
+    gap = torch.randn(48, generator=g) * 1e-4
+    hidden[16:] -= ((hidden[16:] * d).sum(1) - gap)[:, None] / d.pow(2).sum(1)[:, None] * d
+    hidden[8] = 0  # all logits tie: the lowest id
+    for dtype in (torch.float32, torch.bfloat16):
+        head, h = model.lm_head.to(dtype), hidden.to(dtype)
+        expected = F.linear(h, head).argmax(-1).tolist()
+        # chunks of 100 (6, one partial): sorted chunks, per-chunk bounds and id mapping
+        screened = GreedyHead(head, Screen.build(head, chunk=100))
+        assert screened(h) == expected
+        monkeypatch.setattr(greedy_head, "_MAX_CANDIDATES", 0)  # every row takes the full head
+        assert screened(h) == expected
+        monkeypatch.undo()
     # Through the engine: forced on for a small vocabulary, same tokens as the full head.
     prompts = random_prompts([6, 13, 2], seed=11)
     requests = [(str(i), p, greedy(15)) for i, p in enumerate(prompts)]
@@ -243,18 +262,26 @@ def test_greedy_head_gives_the_argmax_of_the_full_head(tiny):
     assert all(on[r].outputs[0].token_ids == off[r].outputs[0].token_ids for r in on)
 
 
-def test_int8_kernel_rounds_once_as_the_greedy_head_bound_assumes():
-    """_weight_int8pack_mm accumulates in fp32 and rounds the result to bf16 once."""
+def test_int8_screen_products_are_exact_as_the_greedy_head_bound_assumes():
+    """FBGEMM's int8 GEMM on the greedy head's input: integer products exact, one fp32 rounding
+    of their scaled sum; the pinning row makes its input quantization the identity."""
+    from trt_gemma.runtime.greedy_head import Screen, screen_rows
+
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(512, 640, generator=g) * 0.05
-    scale = (w.abs().amax(1) / 127).bfloat16()
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    h = (torch.randn(5, 640, generator=g) * 3).bfloat16()
-    out = torch._weight_int8pack_mm(h, q, scale).double()
-    exact = (h.double() @ q.double().t()) * scale.double()
-    terms = (h.double().abs() @ q.double().abs().t()) * scale.double()
-    bound = exact.abs() * 2.0**-8 * 1.004 + terms * 640 * 2.0**-24
-    assert ((out - exact).abs() <= bound).all()
+    w = torch.randn(300, 640, generator=g) * 0.05
+    w[:, :4] *= 40  # outlier columns
+    w[7] = 0.01  # a row whose scale is tiny
+    screen = Screen.build(w, chunk=128)
+    hidden = torch.randn(9, 640, generator=g) * 3
+    hidden[0] = torch.linspace(-500, 500, 640)  # extreme rows: levels at +-63 and +-32
+    x, _, _, _ = screen_rows(hidden)
+    assert x.abs().max() <= 64 and torch.equal(x, x.round())
+    for packed in screen.packed:
+        qw, _ = torch.ops.quantized.linear_unpack(packed)
+        ints, scale = qw.int_repr().double(), qw.q_per_channel_scales().double()
+        out = torch.ops.quantized.linear_dynamic(x, packed, True).double()
+        exact = (x.double() @ ints.t()) * scale
+        assert ((out - exact).abs() <= exact.abs() * 2.0**-23).all()
 
 
 def test_greedy_tokens_walks_the_vocabulary_in_chunks(tiny, monkeypatch):

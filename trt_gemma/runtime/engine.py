@@ -79,7 +79,7 @@ class LLMEngine:
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows
         if self.greedy_head_max_rows is None:  # auto: CPU, big vocab; crossover by dtype
             big = cpu and mc.vocab_size >= 32768
-            self.greedy_head_max_rows = (16 if model.dtype == torch.float32 else 4) if big else 0
+            self.greedy_head_max_rows = (64 if model.dtype == torch.float32 else 10) if big else 0
         if self.greedy_head_max_rows and greedy_head.available(model.lm_head):
             self.greedy_head = greedy_head.greedy_head_for(model.lm_head)
         eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
