@@ -4,7 +4,8 @@
 
 - an HF checkpoint dir: `tokenizer.json`, or failing that the SentencePiece `tokenizer.model`;
 - a GGUF file: the vocabulary in its metadata, rebuilt into the very tokenizer transformers builds
-  (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), without importing transformers;
+  (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), without importing transformers
+  (`tokenizer_vocab.py`, as is the SentencePiece reader);
 - an engine dir: what `save` wrote (`tokenizer.json` + `tokenizer_meta.json`), read back by `load`.
 
 BOS: `encode` adds one (the checkpoint's `add_bos`, true for every Gemma) and the chat template
@@ -21,15 +22,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE
+from tokenizers import Tokenizer
 
-from trt_gemma.gguf_file import read_gguf
-
-END_OF_TURN = "<end_of_turn>"  # Gemma ends every chat turn with it, so generation stops there too
-
-# Token types, numbered alike by SentencePiece's ModelProto and GGUF's tokenizer.ggml.token_type.
-_CONTROL, _USER_DEFINED = 3, 4
+from trt_gemma.tokenizer_vocab import (
+    END_OF_TURN,
+    START_OF_TURN,
+    backend_from_sentencepiece,
+    backend_from_vocab,
+    fields_from_reader,
+    read_gguf_tokenizer_fields,
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class GemmaTokenizer:
         if (path / "tokenizer.json").is_file():
             backend = _read_tokenizer_json(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():
-            backend = _backend_from_sentencepiece(path / "tokenizer.model")
+            backend = backend_from_sentencepiece(path / "tokenizer.model")
         else:
             raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model found")
         config = _read_json_if_present(path / "tokenizer_config.json")
@@ -114,11 +116,11 @@ class GemmaTokenizer:
         size takes ~1.4 s, so a cache would save little; engine dirs keep the built one (`save`).
         """
         if isinstance(source, (str, os.PathLike)):
-            name, fields = str(source), _read_gguf_tokenizer_fields(Path(source))
+            name, fields = str(source), read_gguf_tokenizer_fields(Path(source))
         else:
             # GGUFReader keeps its file only as the memmap's filename.
             name = str(getattr(getattr(source, "data", None), "filename", None) or "GGUF")
-            fields = _fields_from_reader(source)
+            fields = fields_from_reader(source)
         if "tokenizer.ggml.tokens" not in fields:
             raise ValueError(f"{name}: has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
         arch, kind = fields.get("general.architecture"), fields.get("tokenizer.ggml.model")
@@ -143,7 +145,7 @@ class GemmaTokenizer:
         add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default
         # add_space_prefix is not read: it is false for Gemma, and transformers ignores it too.
         bos_token = tokens[bos_id] if add_bos else None
-        backend = _backend_from_vocab(tokens, types, tokens[unk_id], bos_token)
+        backend = backend_from_vocab(tokens, types, tokens[unk_id], bos_token)
         eot_id = fields.get("tokenizer.ggml.eot_token_id")  # llama.cpp's end-of-turn, if recorded
         meta = TokenizerMeta(
             bos_id=bos_id,
@@ -306,7 +308,7 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True)
             )
         text = _message_text(message, index, strip=True)
         prefix = system_prefix if index == first else ""
-        prompt.append(f"<start_of_turn>{roles[role]}\n{prefix}{text}{END_OF_TURN}\n")
+        prompt.append(f"{START_OF_TURN}{roles[role]}\n{prefix}{text}{END_OF_TURN}\n")
     if add_generation_prompt:
         prompt.append("<start_of_turn>model\n")
     return "".join(prompt)
@@ -352,163 +354,3 @@ def _read_json_if_present(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-# -- building from a vocabulary (GGUF metadata or SentencePiece model) --------------------------
-
-
-def _backend_from_vocab(
-    tokens: list[str], types: list[int], unk_token: str, bos_token: str | None
-) -> Tokenizer:
-    """The tokenizer transformers builds for a Gemma GGUF, without importing transformers.
-
-    Mirrors transformers' `gemma_tokenizer` + `add_gguf_special_tokens` (integrations/gguf) and
-    its `GemmaTokenizer`: byte-fallback BPE over a space->"▁" normalizer, merges rebuilt from the
-    vocabulary in file order, control tokens special, user-defined tokens kept whole.
-    """
-    # Whitespace-only tokens are stored as real spaces ("  ") but looked up as "▁▁".
-    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-    vocab = {token: index for index, token in enumerate(spelled)}
-    backend = Tokenizer(
-        BPE(
-            vocab,
-            _merges_in_file_order(vocab),
-            unk_token=unk_token,
-            fuse_unk=True,
-            byte_fallback=True,
-        )
-    )
-    backend.normalizer = normalizers.Replace(" ", "\u2581")
-    # A no-op after the normalizer, kept so the tokenizer.json equals transformers' own.
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
-    backend.add_special_tokens(
-        [
-            AddedToken(t, normalized=False, special=True)
-            for t, k in zip(tokens, types, strict=True)
-            if k == _CONTROL
-        ]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(t, normalized=False, special=False)
-            for t, k in zip(tokens, types, strict=True)
-            if k == _USER_DEFINED and t in vocab
-        ]
-    )
-    if bos_token:  # for consumers of the saved tokenizer.json; encode() adds BOS itself
-        bos = (bos_token, vocab[bos_token])
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A",
-            pair=f"{bos_token} $A {bos_token}:1 $B:1",
-            special_tokens=[bos],
-        )
-    return backend
-
-
-def _merges_in_file_order(vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Every (left, right) split of a token into two tokens, ranked by the token's position.
-
-    The GGUF lists no merges, and Gemma's scores do not follow its merge order; transformers'
-    `generate_merges(vocab, {token: -index})` ranks by position, then longer left pieces first.
-    This yields that same list, without its sort of half a million merges.
-    """
-    merges = []
-    for token in sorted(vocab, key=vocab.__getitem__):
-        for cut in range(len(token) - 1, 0, -1):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                merges.append((left, right))
-    return merges
-
-
-def _backend_from_sentencepiece(model_file: Path) -> Tokenizer:
-    """Convert a Gemma SentencePiece `tokenizer.model` (BPE, byte fallback, no dummy prefix).
-
-    The file is a protobuf ModelProto, read here directly: its pieces are the same (token, type)
-    list a GGUF stores, so the GGUF recipe applies. Gemma's chat markers are user-defined in the
-    model but special in HF's tokenizer (transformers' GemmaConverter), so they are promoted.
-    """
-    pieces, model_type, normalizer = _read_sentencepiece_model(model_file)
-    if model_type != 2 or normalizer.get(3, 1) or normalizer.get(4, 1):
-        raise ValueError(
-            f"{model_file}: not a Gemma-style SentencePiece model (expected BPE with no dummy "
-            f"prefix and whitespace kept; model_type={model_type}, normalizer={normalizer})"
-        )
-    tokens = [piece for piece, _ in pieces]
-    types = [_CONTROL if p in ("<start_of_turn>", END_OF_TURN) else t for p, t in pieces]
-    unk = next((p for p, t in pieces if t == 2), "<unk>")  # 2 is UNKNOWN
-    return _backend_from_vocab(tokens, types, unk, "<bos>" if "<bos>" in tokens else None)
-
-
-def _read_sentencepiece_model(model_file: Path):
-    """`([(piece, type)], model_type, {normalizer field: value})` from a ModelProto file."""
-    data = model_file.read_bytes()
-    pieces, model_type, normalizer = [], 1, {}
-    for field, value in _protobuf_fields(data, model_file):
-        if field == 1:  # SentencePiece {1: piece, 2: score, 3: type (default NORMAL=1)}
-            piece = dict(_protobuf_fields(value, model_file))
-            pieces.append((piece[1].decode("utf-8"), piece.get(3, 1)))
-        elif field == 2:  # TrainerSpec {3: model_type}
-            model_type = dict(_protobuf_fields(value, model_file)).get(3, 1)
-        elif field == 3:  # NormalizerSpec {3: add_dummy_prefix, 4: remove_extra_whitespaces}
-            normalizer = {k: v for k, v in _protobuf_fields(value, model_file) if k in (3, 4)}
-    return pieces, model_type, normalizer
-
-
-def _protobuf_fields(data: bytes, source: Path):
-    """Yield (field number, value) of one protobuf message: ints for varints, bytes otherwise."""
-    pos = 0
-    try:
-        while pos < len(data):
-            key, pos = _varint(data, pos)
-            wire = key & 7
-            if wire == 0:
-                value, pos = _varint(data, pos)
-            elif wire == 2:
-                length, pos = _varint(data, pos)
-                value, pos = data[pos : pos + length], pos + length
-            elif wire in (1, 5):  # fixed64 / fixed32 (scores): not needed, skipped
-                value, pos = None, pos + (8 if wire == 1 else 4)
-            else:
-                raise ValueError(f"wire type {wire}")
-            yield key >> 3, value
-    except (IndexError, ValueError) as error:
-        raise ValueError(f"{source}: not a SentencePiece model ({error})") from error
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        result |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if byte < 0x80:
-            return result, pos
-
-
-# -- GGUF metadata ------------------------------------------------------------------------------
-
-_GGUF_WANTED = ("general.architecture", "tokenizer.")  # key prefixes read; others are skipped
-
-
-def _read_gguf_tokenizer_fields(path: Path) -> dict:
-    """The architecture and ``tokenizer.*`` metadata of a GGUF file, without its tensors."""
-    return read_gguf(path, keep=lambda key: key.startswith(_GGUF_WANTED)).fields
-
-
-def _fields_from_reader(reader) -> dict:
-    """The same fields as `_read_gguf_tokenizer_fields`, from an open `gguf.GGUFReader`."""
-    fields = {}
-    for key, field in reader.fields.items():
-        if not key.startswith(_GGUF_WANTED):
-            continue
-        parts = [field.parts[i] for i in field.data]  # one numpy array per element
-        if int(field.types[-1]) == 8:  # strings
-            values = [bytes(part).decode("utf-8") for part in parts]
-        else:
-            values = [part.tolist()[0] for part in parts]
-        fields[key] = values if int(field.types[0]) == 9 else values[0]  # 9 is array
-    return fields
