@@ -30,10 +30,9 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     seed: int = 0  # the engine's generator, for random sampling of requests without a seed
     # CPU: steps whose rows are all plain greedy, up to this many, take exact argmaxes through an
-    # int8 pre-pass of the LM head (runtime/greedy_head.py); 0 = never; None = by dtype (measured
-    # on 2 cores with Gemma 3 270M's head: faster than the full head up to ~12 rows in bf16 (8 rows
-    # 21 vs 27 ms), and at every size tried in fp32 (32 rows 54 vs 133 ms)), for vocabularies of
-    # >= 32768 tokens
+    # int8 pre-pass of the LM head (runtime/greedy_head.py); 0 = never; None = as many as it beats
+    # the full head (GreedyHead.worthwhile_rows: 32 in bf16 where its one-level path runs, else
+    # 10; 64 in fp32), for vocabularies of >= 32768 tokens
     greedy_head_max_rows: int | None = None
     # CPU: steps of fewer tokens than this run on one intra-op thread or on all of them, whichever
     # their own timings show faster (runtime/cpu_threads.py): one wins on a shared machine, where
