@@ -76,12 +76,12 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len,
                                   config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)
-        self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows
-        if self.greedy_head_max_rows is None:  # auto: CPU and a big vocabulary
-            self.greedy_head_max_rows = -1 if cpu and mc.vocab_size >= 32768 else 0
-        if self.greedy_head_max_rows and greedy_head.available(model.lm_head):
+        self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows or 0
+        auto = config.greedy_head_max_rows is None  # CPU and a big vocabulary: where it wins
+        wanted = cpu and mc.vocab_size >= 32768 if auto else self.greedy_head_max_rows > 0
+        if wanted and greedy_head.available(model.lm_head):
             self.greedy_head = greedy_head.greedy_head_for(model, tokenizer)
-            if self.greedy_head_max_rows < 0:  # where it beats the full head
+            if auto:
                 self.greedy_head_max_rows = self.greedy_head.worthwhile_rows()
         eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
         self.sampler = Sampler(eos, model.device, config.seed)
