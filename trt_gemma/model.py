@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trt_gemma import ops
+from trt_gemma import ops, packed_linear
 from trt_gemma.config import GemmaConfig
 
 
@@ -43,7 +43,7 @@ class AttentionBackend(Protocol):
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: Any  # fused [q+k+v, hidden] dense tensor, or a tuple (q, k, v) of weight objects
+    qkv: Any  # fused [q+k+v, hidden] dense (or packed_linear) weight, or a tuple (q, k, v)
     o: Any
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -119,8 +119,14 @@ class GemmaModel:
     @classmethod
     def from_state_dict(cls, config: GemmaConfig, weights: dict[str, Any],
                         dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> GemmaModel:
-        """Take canonical tensors (see checkpoint/base.py); dense ones move to dtype/device."""
+                        device: str | torch.device = "cpu",
+                        pack_cpu_linears: bool = True) -> GemmaModel:
+        """Take canonical tensors (see checkpoint/base.py); dense ones move to dtype/device.
+
+        On CPU, dense bf16 linears are reordered once into oneDNN's layout (``packed_linear``:
+        same bits, faster small GEMMs) unless ``pack_cpu_linears`` is False.
+        """
+        pack = packed_linear.pack if pack_cpu_linears else (lambda w: w)
 
         def get(name: str) -> Any:
             w = weights.pop(name)
@@ -137,15 +143,16 @@ class GemmaModel:
             p = f"layers.{i}."
             layers.append(LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                qkv=_fuse([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                o=get(p + "self_attn.o_proj.weight"),
+                qkv=pack(_fuse([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                o=pack(get(p + "self_attn.o_proj.weight")),
                 q_norm=maybe(p + "self_attn.q_norm.weight"),
                 k_norm=maybe(p + "self_attn.k_norm.weight"),
                 post_attn_norm=maybe(p + "post_attention_layernorm.weight"),
                 pre_ff_norm=get(p + "pre_feedforward_layernorm.weight"),
                 post_ff_norm=maybe(p + "post_feedforward_layernorm.weight"),
-                gate_up=_fuse([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-                down=get(p + "mlp.down_proj.weight"),
+                gate_up=pack(_fuse([get(p + "mlp.gate_proj.weight"),
+                                    get(p + "mlp.up_proj.weight")])),
+                down=pack(get(p + "mlp.down_proj.weight")),
             ))
         embed = get("embed_tokens.weight")
         lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")

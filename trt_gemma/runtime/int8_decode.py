@@ -25,6 +25,7 @@ import weakref
 
 import torch
 
+from trt_gemma import packed_linear
 from trt_gemma.model import GemmaModel
 
 _LINEARS = ("qkv", "o", "gate_up", "down")
@@ -71,8 +72,9 @@ def int8_twin(model: GemmaModel) -> GemmaModel:
     if twin is None:
         layers = [
             dataclasses.replace(layer, **{
-                name: Int8RowWeight.from_dense(getattr(layer, name))
-                for name in _LINEARS if isinstance(getattr(layer, name), torch.Tensor)
+                name: Int8RowWeight.from_dense(packed_linear.dense(getattr(layer, name)))
+                for name in _LINEARS
+                if isinstance(packed_linear.dense(getattr(layer, name)), torch.Tensor)
             })
             for layer in model.layers
         ]
