@@ -249,13 +249,15 @@ def test_greedy_head_gives_the_argmax_of_the_full_head(tiny, monkeypatch):
     hidden[8] = 0  # all logits tie: the lowest id
     monkeypatch.setattr(greedy_head, "CHUNK", 100)  # 6 chunks, one partial
     rows = greedy_head._exact_8bit_rows(*model.lm_head.shape)  # one 8-bit level where exact
-    for dtype, smoothed in itertools.product((torch.float32, torch.bfloat16), [False, True]):
+    # chunks of 100 rows: candidates by a full-width compare; of 128: by blocks of 64 first
+    for dtype, smoothed, chunk in itertools.product((torch.float32, torch.bfloat16),
+                                                    [False, True], [100, 128]):
         head, h = model.lm_head.to(dtype), hidden.to(dtype)
         expected = F.linear(h, head).argmax(-1).tolist()
         # sorted chunks, per-chunk bounds and id mapping; smoothing factors (from other rows)
         # and, at 20 and 64 rows, one 8-bit level padded to a probed row count
         factors = greedy_head.smoothing_factors(hidden[:16] * 2, head) if smoothed else None
-        screened = GreedyHead(head, Screen.build(head, chunk=100, factors=factors,
+        screened = GreedyHead(head, Screen.build(head, chunk=chunk, factors=factors,
                                                  one_level_rows=rows if smoothed else ()))
         for n in (5, 20, 64):
             assert screened(h[:n]) == expected[:n]
