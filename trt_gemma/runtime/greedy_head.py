@@ -55,7 +55,7 @@ CHUNK = 32768  # vocabulary rows per screening GEMM: its [rows, CHUNK] output st
 # median of ~12 candidates, and a handful of rows per thousand between 1k and 4k; one row of the
 # full 262k head costs as much as ~20k candidates computed exactly.
 _MAX_CANDIDATES = 8192
-_EXACT_SLICE = 8192  # candidates per exact-logit slice: bounds its fp32 temporaries to ~20 MB
+_EXACT_SLICE = 2048  # candidates per exact-logit slice: its fp32 temporaries stay ~5 MB
 _LEVEL1, _LEVEL2 = 63, 64  # two levels: |q1| <= 63; q2 = round(64 * remainder), |q2| <= 32
 _SMOOTHING_TOKENS = 512  # tokens of bundled text whose final hidden states give the factors
 # One 8-bit level pads a step to one of these row counts (the last row pins the quantization);
@@ -300,9 +300,10 @@ class GreedyHead:
         if crowded.any():  # drop those rows' candidates: they get the full head below
             ok = ~crowded[r]
             r, t = r[ok], t[ok]
+        # index_select, not advanced indexing: ~10x faster for rows of a [262144, 640] head
         exact = torch.cat([
-            (hidden[r[i:i + _EXACT_SLICE]].float()
-             * self.lm_head[t[i:i + _EXACT_SLICE]].float()).sum(dim=1)
+            (hidden.index_select(0, r[i:i + _EXACT_SLICE]).float()
+             * self.lm_head.index_select(0, t[i:i + _EXACT_SLICE]).float()).sum(dim=1)
             for i in range(0, max(len(r), 1), _EXACT_SLICE)])
         exact = exact.to(self.lm_head.dtype).float()  # rounded as the model's GEMM rounds
         best = torch.full((m,), -torch.inf).scatter_reduce(0, r, exact, "amax")
