@@ -21,9 +21,11 @@ only the final fp32 scaling rounds (checked by tests/test_runtime_engine.py). Tw
 - one 8-bit level (``|q| <= 127``) for larger steps, with SmoothQuant-style channel factors ``f``
   (screen ``h / f`` against ``W * f``, ``f = sqrt(amax(h) / amax(W))`` per channel from the model's
   final hidden states on bundled text): a few dozen candidates for half the rows. 8-bit inputs
-  saturate FBGEMM's int16 pair sums on some kernels (measured here: its 2-row kernel saturates,
-  its 33-row one does not, on a VNNI CPU), so this level runs only at row counts a worst-case
-  probe at build found exact, padding the step's rows up to one of them.
+  can saturate FBGEMM's int16 pair sums, depending on the CPU and on the kernel FBGEMM picks for
+  the row count (one of our VMs: its 2-row kernel saturated, its 33-row one did not; a later one
+  with AVX-512 VNNI: no row count did), so this level runs only at row counts a worst-case probe
+  at build found exact, padding the step's rows up to one of them, and only where that is fewer
+  rows than two levels take (or the step has 12+ rows).
 
 Bound, for token t with (smoothed) weights ``W_t``, their int8 approximation ``Ŵ_t``
 (``R_t = W_t - Ŵ_t``), the integers ``q`` (two levels: ``q1 + q2/64``), ``e = z - q``, K = hidden
@@ -58,9 +60,11 @@ _MAX_CANDIDATES = 8192
 _EXACT_SLICE = 2048  # candidates per exact-logit slice: its fp32 temporaries stay ~5 MB
 _LEVEL1, _LEVEL2 = 63, 64  # two levels: |q1| <= 63; q2 = round(64 * remainder), |q2| <= 32
 _SMOOTHING_TOKENS = 512  # tokens of bundled text whose final hidden states give the factors
-# One 8-bit level pads a step to one of these row counts (the last row pins the quantization);
-# steps of fewer than _ONE_LEVEL_MIN rows take two levels: 2M + 1 rows cost less than padding.
-_ONE_LEVEL_ROWS = (33, 65)
+# One 8-bit level pads a step of M rows to the smallest of these row counts above M that the
+# probe found exact (the last row pins the quantization), where that is fewer than the 2M + 1
+# rows of two levels, or M >= _ONE_LEVEL_MIN. 270M bf16 head, 2 cores (padded to 33 before):
+# 8 rows 17.1 -> 12.5 ms, 12 rows 27.9 -> 15.1 ms, 16 rows 28.4 -> 18.6 ms.
+_ONE_LEVEL_ROWS = (3, 5, 9, 13, 17, 25, 33, 49, 65)
 _ONE_LEVEL_MIN = 12
 _ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}
 
@@ -265,9 +269,10 @@ class GreedyHead:
     @torch.inference_mode()
     def __call__(self, hidden: torch.Tensor) -> list[int]:  # hidden [M, hidden] -> M token ids
         sc, m = self.screen, hidden.shape[0]
-        padded = 0  # one 8-bit level at the smallest probed row count that fits m + the pin
-        if m >= _ONE_LEVEL_MIN:
-            padded = min((r for r in sc.one_level_rows if r > m), default=0)
+        # one 8-bit level at the smallest probed row count that fits m + the pin, if worth it
+        padded = min((r for r in sc.one_level_rows if r > m), default=0)
+        if padded >= 2 * m + 1 and m < _ONE_LEVEL_MIN:
+            padded = 0
         one_level = padded > 0
         x, q_norm, e_norm, z_norm = screen_rows(
             hidden if sc.factors is None else hidden.float() / sc.factors, padded)
