@@ -20,16 +20,19 @@ processing) at batch 1/32/256 with the model's forward replaced by ready-made lo
 
     python benchmarks/throughput.py --out benchmarks/results/throughput-cpu.json
 
-On a shared CPU, libgomp's default spin-waiting makes every small op wait for a descheduled
-thread (observed: 10-20 ms for a 4x256x12 matmul). ``OMP_WAIT_POLICY=PASSIVE`` is set below, before
-torch loads, unless the environment sets it; it applies to both engines alike.
+OpenMP waiting (trt_gemma/cpu_env.py): libgomp's default spins for milliseconds, which on a shared
+CPU makes small ops wait for descheduled threads (observed: 10-20 ms for a 4x256x12 matmul), and
+``OMP_WAIT_POLICY=PASSIVE`` makes every parallel region pay a thread wake-up (~30 us). Unless the
+environment sets a wait policy or spin count, ``import trt_gemma`` sets ``GOMP_SPINCOUNT=10000``
+below, before torch loads; it applies to both engines alike (same process), and the results
+record it. Earlier figures (before 2026-11-24's last run) were taken with PASSIVE.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import trt_gemma  # noqa: F401  (first: sets GOMP_SPINCOUNT before torch loads, cpu_env.py)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -212,7 +215,8 @@ def main() -> None:
     int8_config = EngineConfig(cpu_int8_decode_max_rows=INT8_DECODE_MAX_ROWS)
     report = {
         "model": args.model, "device": "cpu", "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rounds": args.rounds,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                     "torch": torch.__version__, "load_avg_start": os.getloadavg()},
         "engine_config": {"max_num_seqs": config.max_num_seqs,
