@@ -17,10 +17,9 @@ def test_bounded_spin_wait_respects_the_users_choice():
         assert not cpu_env.bounded_spin_wait(env) and env == chosen
 
 
-def test_import_sets_it_before_torch_loads():
+def test_import_trt_gemma_sets_it_in_a_fresh_process():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import sys, os, trt_gemma; "
-            "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")
+    code = "import os, trt_gemma; print(os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == [cpu_env.SPIN_COUNT, "True"]
+    assert out == [cpu_env.SPIN_COUNT]

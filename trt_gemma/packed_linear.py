@@ -43,9 +43,6 @@ class PackedLinearWeight:
         """The original ``[out, in]`` tensor (a plain copy; exact)."""
         return self.packed.to_dense()
 
-    def to(self, device) -> PackedLinearWeight | torch.Tensor:
-        return self if torch.device(device).type == "cpu" else self.dense().to(device)
-
 
 @functools.cache
 def available() -> bool:

@@ -66,16 +66,19 @@ class Int8RowWeight:
         return out.reshape(*x.shape[:-1], -1)
 
 
+def _dense_linears(layer) -> dict[str, torch.Tensor]:
+    """The layer's linear weights that are plain tensors (packed ones unpacked), by name."""
+    weights = {name: packed_linear.dense(getattr(layer, name)) for name in _LINEARS}
+    return {name: w for name, w in weights.items() if isinstance(w, torch.Tensor)}
+
+
 def int8_twin(model: GemmaModel) -> GemmaModel:
     """The model with INT8 copies of its dense linear weights (cached per model)."""
     twin = _TWINS.get(model)
     if twin is None:
         layers = [
             dataclasses.replace(layer, **{
-                name: Int8RowWeight.from_dense(packed_linear.dense(getattr(layer, name)))
-                for name in _LINEARS
-                if isinstance(packed_linear.dense(getattr(layer, name)), torch.Tensor)
-            })
+                name: Int8RowWeight.from_dense(w) for name, w in _dense_linears(layer).items()})
             for layer in model.layers
         ]
         twin = _TWINS[model] = GemmaModel(model.config, model.embed, layers, model.final_norm,
