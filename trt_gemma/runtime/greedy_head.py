@@ -18,8 +18,8 @@ only the final fp32 scaling rounds (checked by tests/test_runtime_engine.py). Tw
   GEMM, with ``reduce_range``: 7-bit inputs keep FBGEMM's u8 x s8 pair sums inside int16 on any
   x86 CPU. One 7-bit level would leave thousands of candidates (Gemma's final hidden state has a
   few huge channels, amax/rms ~10); two leave a dozen, for twice the rows.
-- one 8-bit level (``|q| <= 127``) for larger steps, with SmoothQuant-style channel factors ``f``
-  (screen ``h / f`` against ``W * f``, ``f = sqrt(amax(h) / amax(W))`` per channel from the model's
+- one 8-bit level (``|q| <= 127``), where it takes fewer rows, with SmoothQuant-style channel
+  factors ``f`` (screen ``h / f`` against ``W * f``, ``f = sqrt(amax(h) / amax(W))`` per channel from the model's
   final hidden states on bundled text): a few dozen candidates for half the rows. 8-bit inputs
   can saturate FBGEMM's int16 pair sums, depending on the CPU and on the kernel FBGEMM picks for
   the row count (one of our VMs: its 2-row kernel saturated, its 33-row one did not; a later one
