@@ -19,13 +19,13 @@ only the final fp32 scaling rounds (checked by tests/test_runtime_engine.py). Tw
   x86 CPU. One 7-bit level would leave thousands of candidates (Gemma's final hidden state has a
   few huge channels, amax/rms ~10); two leave a dozen, for twice the rows.
 - one 8-bit level (``|q| <= 127``), where it takes fewer rows, with SmoothQuant-style channel
-  factors ``f`` (screen ``h / f`` against ``W * f``, ``f = sqrt(amax(h) / amax(W))`` per channel from the model's
-  final hidden states on bundled text): a few dozen candidates for half the rows. 8-bit inputs
-  can saturate FBGEMM's int16 pair sums, depending on the CPU and on the kernel FBGEMM picks for
-  the row count (one of our VMs: its 2-row kernel saturated, its 33-row one did not; a later one
-  with AVX-512 VNNI: no row count did), so this level runs only at row counts a worst-case probe
-  at build found exact, padding the step's rows up to one of them, and only where that is fewer
-  rows than two levels take (or the step has 12+ rows).
+  factors ``f`` (screen ``h / f`` against ``W * f``, ``f = sqrt(amax(h) / amax(W))`` per channel
+  from the model's final hidden states on bundled text): a few dozen candidates for half the rows.
+  8-bit inputs can saturate FBGEMM's int16 pair sums, depending on the CPU and on the kernel FBGEMM
+  picks for the row count (one of our VMs: its 2-row kernel saturated, its 33-row one did not; a
+  later one with AVX-512 VNNI: no row count did), so this level runs only at row counts a worst-case
+  probe at build found exact, padding the step's rows up to one of them, and only where that is
+  fewer rows than two levels take (or the step has 12+ rows).
 
 Bound, for token t with (smoothed) weights ``W_t``, their int8 approximation ``Ŵ_t``
 (``R_t = W_t - Ŵ_t``), the integers ``q`` (two levels: ``q1 + q2/64``), ``e = z - q``, K = hidden
