@@ -104,6 +104,28 @@ def test_every_mode_builds_loads_and_stays_close(tiny_gemma3_dir, tmp_path, mode
     assert result.output_bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
 
+def test_int4_awq_refinement_keeps_the_codes_and_fits_the_scales(tiny_gemma3_dir, tmp_path):
+    """--refine-steps 0 gives AWQ + GPTQ alone; the default then refits scales only (same codes,
+    zero points and format), records it, and never raises a layer's calibration loss."""
+    kw = dict(quant="int4-awq", group_size=64, dtype="float32", calib_tokens=256)
+    plain = _build(tiny_gemma3_dir, tmp_path / "plain", refine_steps=0, **kw)
+    refined = _build(tiny_gemma3_dir, tmp_path / "refined", **kw)
+    assert plain.report.refine_loss == []
+    losses = refined.report.refine_loss
+    assert len(losses) == read_engine(tmp_path / "refined").config.num_hidden_layers
+    assert all(after <= before for before, after in losses)
+    assert sum(after for _, after in losses) < sum(before for before, _ in losses)
+    assert read_engine(tmp_path / "refined").quant.extra["refine_steps"] == 40
+    a = read_engine(tmp_path / "plain").load_weights()
+    b = read_engine(tmp_path / "refined").load_weights()
+    moved = 0
+    for name, q in a.items():
+        if isinstance(q, Int4Weight):
+            assert torch.equal(q.qweight, b[name].qweight) and torch.equal(q.zeros, b[name].zeros)
+            moved += int(not torch.equal(q.scales, b[name].scales))
+    assert moved > 0
+
+
 def test_sequential_gptq_sees_the_quantized_layers_below(tiny_gemma3_dir, tmp_path,
                                                          monkeypatch):
     """With GPTQ_SEQUENTIAL, layer i is calibrated on a model whose layers < i are the stored
@@ -254,6 +276,10 @@ def test_unknown_quant_is_one_line(tiny_gemma3_dir, tmp_path, capsys):
     code, err = _run_cli(["build", tiny_gemma3_dir, "-o", tmp_path / "e", "--quant", "int3"],
                          capsys)
     assert code == 2 and len(err) == 1 and "int3" in err[0] and "quant" in err[0]
+    _assert_clean(tmp_path / "e")
+    code, err = _run_cli(["build", tiny_gemma3_dir, "-o", tmp_path / "e", "--quant", "int4-awq",
+                          "--refine-steps", "-1"], capsys)
+    assert code == 2 and len(err) == 1 and "--refine-steps" in err[0]
     _assert_clean(tmp_path / "e")
 
 

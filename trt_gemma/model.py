@@ -91,6 +91,56 @@ class NormScales:
                    scale(w.post_ff_norm), qk)
 
 
+def decoder_layer(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, x: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor,
+                  attention: AttentionBackend) -> torch.Tensor:
+    """One decoder layer on packed tokens ``x`` [num_tokens, hidden] (rope of layer ``i``).
+
+    A plain function of tensors, not under ``inference_mode``: the quantizer's block-wise scale
+    refinement (``quant/refine.py``) differentiates through it, so the math it fits is exactly the
+    math the runtime runs.
+    """
+    eps = cfg.rms_norm_eps
+    residual = x
+    h = ops.rms_norm(x, ns.input, eps)
+    h = _self_attention(cfg, i, w, ns, h, cos, sin, attention)
+    if ns.post_attn is not None:
+        h = ops.rms_norm(h, ns.post_attn, eps)
+    x = residual + h
+    residual = x
+    h = ops.rms_norm(x, ns.pre_ff, eps)
+    gate, up = _split_linear(h, w.gate_up, [cfg.intermediate_size] * 2)
+    h = ops.linear(ops.gelu_tanh_and_mul(gate, up), w.down)
+    if ns.post_ff is not None:
+        h = ops.rms_norm(h, ns.post_ff, eps)
+    return residual + h
+
+
+def _self_attention(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, h: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor,
+                    attention: AttentionBackend) -> torch.Tensor:
+    n, hd = h.shape[0], cfg.head_dim
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    if isinstance(w.qkv, tuple):
+        q, k, v = (ops.linear(h, part) for part in w.qkv)
+        qk = torch.cat([q.view(n, heads, hd), k.view(n, kv_heads, hd)], dim=1)
+    else:  # q and k side by side in the fused output: one view, no copy
+        qkv = ops.linear(h, w.qkv)
+        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(n, heads + kv_heads, hd)
+        v = qkv[:, cfg.q_size + cfg.kv_size:]
+    v = v.view(n, kv_heads, hd)
+    if ns.qk is not None:
+        qk = ops.rms_norm(qk, ns.qk, cfg.rms_norm_eps)
+    qk = ops.apply_rope(qk, cos, sin)
+    o = attention.attend(
+        i, qk[:, :heads], qk[:, heads:], v,
+        scale=cfg.attention_scale,
+        sliding_window=cfg.layer_window(i),
+        softcap=cfg.attn_logit_softcapping,
+    )
+    return ops.linear(o.reshape(n, cfg.q_size), w.o)
+
+
 GREEDY_CHUNK = 32768  # vocabulary rows per chunk of GemmaModel.greedy_tokens on CPU
 
 
@@ -178,45 +228,8 @@ class GemmaModel:
             key = cfg.layer_rope(i)
             if key not in rope:
                 rope[key] = ops.rope_cos_sin(positions, cfg.head_dim, *key, dtype=x.dtype)
-            residual = x
-            h = ops.rms_norm(x, ns.input, eps)
-            h = self._attention(i, w, ns, h, *rope[key], attention)
-            if ns.post_attn is not None:
-                h = ops.rms_norm(h, ns.post_attn, eps)
-            x = residual + h
-            residual = x
-            h = ops.rms_norm(x, ns.pre_ff, eps)
-            gate, up = _split_linear(h, w.gate_up, [cfg.intermediate_size] * 2)
-            h = ops.linear(ops.gelu_tanh_and_mul(gate, up), w.down)
-            if ns.post_ff is not None:
-                h = ops.rms_norm(h, ns.post_ff, eps)
-            x = residual + h
+            x = decoder_layer(cfg, i, w, ns, x, *rope[key], attention)
         return ops.rms_norm(x, self.final_norm_scale, eps)
-
-    def _attention(self, i: int, w: LayerWeights, ns: NormScales, h: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor,
-                   attention: AttentionBackend) -> torch.Tensor:
-        cfg = self.config
-        n, hd = h.shape[0], cfg.head_dim
-        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        if isinstance(w.qkv, tuple):
-            q, k, v = (ops.linear(h, part) for part in w.qkv)
-            qk = torch.cat([q.view(n, heads, hd), k.view(n, kv_heads, hd)], dim=1)
-        else:  # q and k side by side in the fused output: one view, no copy
-            qkv = ops.linear(h, w.qkv)
-            qk = qkv[:, :cfg.q_size + cfg.kv_size].view(n, heads + kv_heads, hd)
-            v = qkv[:, cfg.q_size + cfg.kv_size:]
-        v = v.view(n, kv_heads, hd)
-        if ns.qk is not None:
-            qk = ops.rms_norm(qk, ns.qk, cfg.rms_norm_eps)
-        qk = ops.apply_rope(qk, cos, sin)
-        o = attention.attend(
-            i, qk[:, :heads], qk[:, heads:], v,
-            scale=cfg.attention_scale,
-            sliding_window=cfg.layer_window(i),
-            softcap=cfg.attn_logit_softcapping,
-        )
-        return ops.linear(o.reshape(n, cfg.q_size), w.o)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=128, help="INT4 channels per scale")
     p.add_argument("--calib-text", default=None, help="calibration text file (default: bundled)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens at most")
+    p.add_argument("--refine-steps", type=int, default=40,
+                   help="int4-awq: steps per layer fitting the INT4 scales so that each quantized "
+                        "layer reproduces the float one on the calibration text (0: off)")
     p.add_argument("--profile", default=None,
                    help="rtx4090 | l4 | l40s | a100-80gb | h100-80gb | h200")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
@@ -77,6 +80,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, group_size=args.group_size,
         calib_text=args.calib_text, calib_tokens=args.calib_tokens, profile=args.profile,
+        refine_steps=args.refine_steps,
         dtype=args.dtype, quantize_lm_head=args.quantize_lm_head, backend=args.backend,
         overwrite=args.overwrite, device=args.device,
     )

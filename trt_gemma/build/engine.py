@@ -35,6 +35,7 @@ from trt_gemma.build.quantize import (
 )
 from trt_gemma.config import GemmaConfig, QuantConfig
 from trt_gemma.errors import CheckpointError, ConfigError
+from trt_gemma.quant.refine import RefineOptions
 
 BACKENDS = ("native", "tensorrt-llm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -54,6 +55,7 @@ class BuildOptions:
     calib_tokens: int = 8192  # calibration tokens at most (BOS of each window included)
     calib_window: int = 512  # tokens per calibration forward pass
     calib_rows: int = 1024  # input rows per linear group kept for the AWQ search
+    refine_steps: int = 40  # int4-awq: steps per layer fitting scales to the float layer; 0: off
     profile: str | None = None  # a name in profiles.PROFILES
     dtype: str = "bfloat16"  # activation dtype: dense weights and INT4 scales are stored in it
     quantize_lm_head: bool = False  # quantize the (tied) LM head too, as a separate weight
@@ -71,6 +73,8 @@ class BuildOptions:
         for name in ("calib_tokens", "calib_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.refine_steps < 0:
+            raise ConfigError("--refine-steps must be >= 0")
         if self.calib_window < 2:
             raise ConfigError("calibration window must be >= 2 tokens")
         if self.profile is not None:
@@ -225,20 +229,22 @@ def build_engine(
         t = time.perf_counter()
         stats, calib_info = _calibrate(config, weights, tokenizer, quant, options, progress, log)
         seconds["calibrate"] = time.perf_counter() - t
+    extra: dict[str, Any] = {"dtype": options.dtype}
     if calib_info is not None:
-        quant = dataclasses.replace(quant, extra={"calibration": calib_info,
-                                                  "dtype": options.dtype})
-    else:
-        quant = dataclasses.replace(quant, extra={"dtype": options.dtype})
+        extra["calibration"] = calib_info
+    if quant.mode == "int4-awq":
+        extra["refine_steps"] = options.refine_steps
+    quant = dataclasses.replace(quant, extra=extra)
     out_config = output_config(config, quant)
     report = QuantReport()
 
     t = time.perf_counter()
     n_layers = config.num_hidden_layers
+    refine = RefineOptions(steps=options.refine_steps) if options.refine_steps else None
     with _bar(n_layers, f"quantizing ({quant.mode}) + writing", "layer", progress) as bar:
         tensors = quantize_tensors(config, weights, quant, stats, dtype, report,
                                    source=str(source), on_layer=lambda: bar.update(1),
-                                   device=options.device)
+                                   device=options.device, refine=refine)
         result = BuildResult(output=output, config=out_config, quant=quant,
                              source_bytes=source_bytes, dense_bytes=dense_bytes, output_bytes=0,
                              report=report, limits=limits, calibration=calib_info)

@@ -15,7 +15,10 @@ Per mode (weights of one group share their input, hence one AWQ ``s`` and one ac
   inputs), then RTN's per-group grid of ``W * s`` and, on that fixed grid, the codes by GPTQ's
   error-compensated rounding (``quant/gptq.py``) with the Hessian ``X'.T X'`` of the AWQ-scaled
   inputs ``X' = X / s`` over all calibration tokens. With ``INT4_AWQ_GPTQ = False`` the previous
-  method: each group's range from ``search_clip`` (llm-awq's auto_clip), RTN codes.
+  method: each group's range from ``search_clip`` (llm-awq's auto_clip), RTN codes. Then, layer by
+  layer, the group scales and AWQ input scales are refined (``quant/refine.py``): fitted so that
+  the quantized layer, fed the quantized model's hidden states, reproduces the float layer's
+  output on the calibration windows. Codes stay GPTQ's.
 
 Embeddings and norms stay dense in the activation dtype. The LM head (tied to the embedding on
 every Gemma) is quantized only with ``quantize_lm_head``; it then becomes a separate
@@ -44,6 +47,7 @@ from trt_gemma.quant import (
 from trt_gemma.quant.calibrate import CalibrationStats, LinearGroup, linear_groups
 from trt_gemma.quant.clip import search_clip
 from trt_gemma.quant.gptq import quantize_int4_gptq, scale_hessian, split_int4_rows
+from trt_gemma.quant.refine import LayerwiseRefiner, RefineOptions
 
 AWQ_GRID = 20  # llm-awq's n_grid
 # INT4 with zero points (asymmetric), llm-awq's default: on Gemma 3 270M it cuts the perplexity
@@ -88,10 +92,12 @@ class QuantReport:
     groups: list[GroupReport] = field(default_factory=list)
     k_scales: list[float] = field(default_factory=list)
     v_scales: list[float] = field(default_factory=list)
+    # int4-awq refinement, per layer: the layer's output MSE on calibration windows before/after
+    refine_loss: list[tuple[float, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [vars(g) for g in self.groups], "k_scales": self.k_scales,
-                "v_scales": self.v_scales}
+                "v_scales": self.v_scales, "refine_loss": self.refine_loss}
 
     def per_layer_lines(self) -> list[str]:
         """One summary line per layer: scale ranges, AWQ s range and error, KV scales."""
@@ -117,6 +123,9 @@ class QuantReport:
                 if gq:
                     err += f" -> awq+gptq {sum(gq) / len(gq):.4f}"
                 parts.append(err)
+            if layer is not None and layer < len(self.refine_loss):
+                before, after = self.refine_loss[layer]
+                parts.append(f"refine mse {before:.3g} -> {after:.3g}")
             if layer is not None and self.k_scales:
                 parts.append(f"kv {self.k_scales[layer]:.2e}/{self.v_scales[layer]:.2e}")
             lines.append(f"{name}: " + ", ".join(parts))
@@ -222,6 +231,7 @@ def quantize_tensors(
     source: str = "checkpoint",
     on_layer: Callable[[], None] | None = None,
     device: str | torch.device = "cpu",  # where the quantization math (AWQ, clip search) runs
+    refine: RefineOptions | None = None,  # int4-awq: fit scales to the float layers (refine.py)
 ) -> Iterator[tuple[str, Any]]:
     """(name, tensor | Int4Weight | Fp8Weight) for the engine, in model order.
 
@@ -246,6 +256,9 @@ def quantize_tensors(
     sequential = (quant.mode == "int4-awq" and INT4_AWQ_GPTQ and GPTQ_SEQUENTIAL
                   and stats is not None and bool(stats.windows))
     model_weights = {**weights, "embed_tokens.weight": embed} if sequential else None
+    refiner = None
+    if quant.mode == "int4-awq" and refine is not None and stats is not None and stats.windows:
+        refiner = LayerwiseRefiner(config, embed, stats.windows, refine, device)
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
         layer_groups = [g for g in groups if g.layer == i]
@@ -253,21 +266,29 @@ def quantize_tensors(
         if sequential and i > 0:
             layer_stats = _recalibrate(config, model_weights, stats, layer_groups, i, device)
         grouped = {n for g in layer_groups for n in g.weights}
+        norms = {}
         for name in sorted(n for n in weights if n.startswith(p) and n not in grouped):
+            norms[name] = weights[name]
             yield name, dense(name)  # norms
-        for group in layer_groups:
-            if quant.mode == "none":
+        if quant.mode == "none":
+            for group in layer_groups:
                 for name in group.weights:
                     yield name, dense(name)
-                continue
-            ws = [weights.pop(n) for n in group.weights]
-            for n, w in zip(group.weights, ws):
-                _check_finite(n, w, source)
-            qs = _quantize_group(group, ws, quant, layer_stats, dtype, report, device)
+        else:
+            dense_ws, quantized = {}, {}
+            for group in layer_groups:
+                ws = [weights.pop(n) for n in group.weights]
+                for n, w in zip(group.weights, ws):
+                    _check_finite(n, w, source)
+                qs = _quantize_group(group, ws, quant, layer_stats, dtype, report, device)
+                dense_ws.update(zip(group.weights, ws))
+                quantized.update(zip(group.weights, qs))
+            if refiner is not None:
+                quantized = _refine(refiner, i, norms, dense_ws, quantized, report)
             if sequential:
-                for n, q in zip(group.weights, qs):
+                for n, q in quantized.items():
                     model_weights[n] = q.dequantize(torch.float32)
-            yield from zip(group.weights, qs)
+            yield from quantized.items()
         if quant.kv_cache_dtype == "fp8":
             k, v = float(kv_cache_scale(stats.k_amax[i])), float(kv_cache_scale(stats.v_amax[i]))
             report.k_scales.append(k)
@@ -285,6 +306,19 @@ def quantize_tensors(
     elif not config.tie_word_embeddings:
         _check_finite("lm_head.weight", head, source)
         yield "lm_head.weight", head.to(dtype)
+
+
+def _refine(refiner: LayerwiseRefiner, layer: int, norms: dict[str, torch.Tensor],
+            dense: dict[str, torch.Tensor], quantized: dict[str, Any],
+            report: QuantReport) -> dict[str, Any]:
+    """Run the layer's refinement; canonical names in and out (the refiner uses short ones)."""
+    def short(name: str) -> str:
+        return name.split(".")[-2]  # "layers.3.self_attn.q_proj.weight" -> "q_proj"
+
+    result = refiner.refine(layer, norms, {short(n): w for n, w in dense.items()},
+                            {short(n): q for n, q in quantized.items()})
+    report.refine_loss.append((result.loss_before, result.loss_after))
+    return {n: result.weights[short(n)].to("cpu") for n in quantized}
 
 
 def output_config(config: GemmaConfig, quant: QuantConfig) -> GemmaConfig:
