@@ -105,25 +105,35 @@ def test_every_mode_builds_loads_and_stays_close(tiny_gemma3_dir, tmp_path, mode
 
 
 def test_int4_awq_refinement_keeps_the_codes_and_fits_the_scales(tiny_gemma3_dir, tmp_path):
-    """--refine-steps 0 gives AWQ + GPTQ alone; the default then refits scales only (same codes,
-    zero points and format), records it, and never raises a layer's calibration loss."""
+    """--refine-steps 0 --distill-steps 0 gives AWQ + GPTQ alone; layer-wise refinement, then
+    (the default) distillation, refit scales only (same codes, zero points and format), record
+    it, and never raise their calibration loss."""
     kw = dict(quant="int4-awq", group_size=64, dtype="float32", calib_tokens=256)
-    plain = _build(tiny_gemma3_dir, tmp_path / "plain", refine_steps=0, **kw)
-    refined = _build(tiny_gemma3_dir, tmp_path / "refined", **kw)
-    assert plain.report.refine_loss == []
+    plain = _build(tiny_gemma3_dir, tmp_path / "plain", refine_steps=0, distill_steps=0, **kw)
+    refined = _build(tiny_gemma3_dir, tmp_path / "refined", distill_steps=0, **kw)
+    default = _build(tiny_gemma3_dir, tmp_path / "default", **kw)
+    assert plain.report.refine_loss == [] and plain.report.distill_loss is None
+    assert refined.report.distill_loss is None
     losses = refined.report.refine_loss
     assert len(losses) == read_engine(tmp_path / "refined").config.num_hidden_layers
     assert all(after <= before for before, after in losses)
     assert sum(after for _, after in losses) < sum(before for before, _ in losses)
-    assert read_engine(tmp_path / "refined").quant.extra["refine_steps"] == 40
+    assert default.report.refine_loss == losses
+    before, after = default.report.distill_loss
+    assert after < before
+    assert read_engine(tmp_path / "default").quant.extra["refine_steps"] == 40
+    assert read_engine(tmp_path / "default").quant.extra["distill_steps"] == 30
     a = read_engine(tmp_path / "plain").load_weights()
-    b = read_engine(tmp_path / "refined").load_weights()
-    moved = 0
-    for name, q in a.items():
-        if isinstance(q, Int4Weight):
-            assert torch.equal(q.qweight, b[name].qweight) and torch.equal(q.zeros, b[name].zeros)
-            moved += int(not torch.equal(q.scales, b[name].scales))
-    assert moved > 0
+    for other in ("refined", "default"):
+        b = read_engine(tmp_path / other).load_weights()
+        assert b.keys() == a.keys()
+        moved = 0
+        for name, q in a.items():
+            if isinstance(q, Int4Weight):
+                assert torch.equal(q.qweight, b[name].qweight)
+                assert torch.equal(q.zeros, b[name].zeros)
+                moved += int(not torch.equal(q.scales, b[name].scales))
+        assert moved > 0, other
 
 
 def test_sequential_gptq_sees_the_quantized_layers_below(tiny_gemma3_dir, tmp_path,
@@ -144,8 +154,10 @@ def test_sequential_gptq_sees_the_quantized_layers_below(tiny_gemma3_dir, tmp_pa
     monkeypatch.setattr(quantize, "GPTQ_SEQUENTIAL", True)
     monkeypatch.setattr(quantize, "_recalibrate", spy)
     out = tmp_path / "seq"
+    # Distillation retunes every layer's scales after the last one: off, so the stored weights
+    # are the ones the layers above were calibrated on.
     result = _build(tiny_gemma3_dir, out, quant="int4-awq", group_size=64, dtype="float32",
-                    calib_tokens=256)
+                    calib_tokens=256, distill_steps=0)
     engine = read_engine(out)
     n = engine.config.num_hidden_layers
     assert sorted(seen) == list(range(1, n))
@@ -280,6 +292,10 @@ def test_unknown_quant_is_one_line(tiny_gemma3_dir, tmp_path, capsys):
     code, err = _run_cli(["build", tiny_gemma3_dir, "-o", tmp_path / "e", "--quant", "int4-awq",
                           "--refine-steps", "-1"], capsys)
     assert code == 2 and len(err) == 1 and "--refine-steps" in err[0]
+    _assert_clean(tmp_path / "e")
+    code, err = _run_cli(["build", tiny_gemma3_dir, "-o", tmp_path / "e", "--quant", "int4-awq",
+                          "--distill-steps", "-2"], capsys)
+    assert code == 2 and len(err) == 1 and "--distill-steps" in err[0]
     _assert_clean(tmp_path / "e")
 
 

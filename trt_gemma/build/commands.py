@@ -40,6 +40,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-steps", type=int, default=40,
                    help="int4-awq: steps per layer fitting the INT4 scales so that each quantized "
                         "layer reproduces the float one on the calibration text (0: off)")
+    p.add_argument("--distill-steps", type=int, default=30,
+                   help="int4-awq: then steps fitting all INT4 scales at once so that the "
+                        "quantized model's next-token distribution matches the float one's "
+                        "on the calibration text (0: off)")
     p.add_argument("--profile", default=None,
                    help="rtx4090 | l4 | l40s | a100-80gb | h100-80gb | h200")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
@@ -80,7 +84,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(
         quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, group_size=args.group_size,
         calib_text=args.calib_text, calib_tokens=args.calib_tokens, profile=args.profile,
-        refine_steps=args.refine_steps,
+        refine_steps=args.refine_steps, distill_steps=args.distill_steps,
         dtype=args.dtype, quantize_lm_head=args.quantize_lm_head, backend=args.backend,
         overwrite=args.overwrite, device=args.device,
     )

@@ -35,6 +35,7 @@ from trt_gemma.build.quantize import (
 )
 from trt_gemma.config import GemmaConfig, QuantConfig
 from trt_gemma.errors import CheckpointError, ConfigError
+from trt_gemma.quant.distill import DistillOptions
 from trt_gemma.quant.refine import RefineOptions
 
 BACKENDS = ("native", "tensorrt-llm")
@@ -56,6 +57,7 @@ class BuildOptions:
     calib_window: int = 512  # tokens per calibration forward pass
     calib_rows: int = 1024  # input rows per linear group kept for the AWQ search
     refine_steps: int = 40  # int4-awq: steps per layer fitting scales to the float layer; 0: off
+    distill_steps: int = 30  # int4-awq: then steps fitting all scales to the float model's output
     profile: str | None = None  # a name in profiles.PROFILES
     dtype: str = "bfloat16"  # activation dtype: dense weights and INT4 scales are stored in it
     quantize_lm_head: bool = False  # quantize the (tied) LM head too, as a separate weight
@@ -73,8 +75,9 @@ class BuildOptions:
         for name in ("calib_tokens", "calib_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.refine_steps < 0:
-            raise ConfigError("--refine-steps must be >= 0")
+        for name in ("refine_steps", "distill_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         if self.calib_window < 2:
             raise ConfigError("calibration window must be >= 2 tokens")
         if self.profile is not None:
@@ -234,17 +237,22 @@ def build_engine(
         extra["calibration"] = calib_info
     if quant.mode == "int4-awq":
         extra["refine_steps"] = options.refine_steps
+        extra["distill_steps"] = options.distill_steps
     quant = dataclasses.replace(quant, extra=extra)
     out_config = output_config(config, quant)
     report = QuantReport()
 
     t = time.perf_counter()
     n_layers = config.num_hidden_layers
-    refine = RefineOptions(steps=options.refine_steps) if options.refine_steps else None
+    # Distillation starts from the hidden states the layer-wise refiner carries, so it runs the
+    # refiner even at 0 refine steps (then only to carry them).
+    refine = (RefineOptions(steps=options.refine_steps)
+              if options.refine_steps or options.distill_steps else None)
+    distill = DistillOptions(steps=options.distill_steps) if options.distill_steps else None
     with _bar(n_layers, f"quantizing ({quant.mode}) + writing", "layer", progress) as bar:
         tensors = quantize_tensors(config, weights, quant, stats, dtype, report,
                                    source=str(source), on_layer=lambda: bar.update(1),
-                                   device=options.device, refine=refine)
+                                   device=options.device, refine=refine, distill=distill)
         result = BuildResult(output=output, config=out_config, quant=quant,
                              source_bytes=source_bytes, dense_bytes=dense_bytes, output_bytes=0,
                              report=report, limits=limits, calibration=calib_info)

@@ -47,6 +47,7 @@ from trt_gemma.quant import (
 from trt_gemma.quant.calibrate import CalibrationStats, LinearGroup, linear_groups
 from trt_gemma.quant.clip import search_clip
 from trt_gemma.quant.gptq import quantize_int4_gptq, scale_hessian, split_int4_rows
+from trt_gemma.quant.distill import DistillOptions, distill_scales
 from trt_gemma.quant.refine import LayerwiseRefiner, RefineOptions
 
 AWQ_GRID = 20  # llm-awq's n_grid
@@ -94,10 +95,13 @@ class QuantReport:
     v_scales: list[float] = field(default_factory=list)
     # int4-awq refinement, per layer: the layer's output MSE on calibration windows before/after
     refine_loss: list[tuple[float, float]] = field(default_factory=list)
+    # then the whole model's truncated KL to the float model on calibration tokens, before/after
+    distill_loss: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [vars(g) for g in self.groups], "k_scales": self.k_scales,
-                "v_scales": self.v_scales, "refine_loss": self.refine_loss}
+                "v_scales": self.v_scales, "refine_loss": self.refine_loss,
+                "distill_loss": self.distill_loss}
 
     def per_layer_lines(self) -> list[str]:
         """One summary line per layer: scale ranges, AWQ s range and error, KV scales."""
@@ -232,6 +236,7 @@ def quantize_tensors(
     on_layer: Callable[[], None] | None = None,
     device: str | torch.device = "cpu",  # where the quantization math (AWQ, clip search) runs
     refine: RefineOptions | None = None,  # int4-awq: fit scales to the float layers (refine.py)
+    distill: DistillOptions | None = None,  # then to the float model's outputs (distill.py)
 ) -> Iterator[tuple[str, Any]]:
     """(name, tensor | Int4Weight | Fp8Weight) for the engine, in model order.
 
@@ -259,6 +264,8 @@ def quantize_tensors(
     refiner = None
     if quant.mode == "int4-awq" and refine is not None and stats is not None and stats.windows:
         refiner = LayerwiseRefiner(config, embed, stats.windows, refine, device)
+    # Distillation tunes all layers at once, so their linears are held until the last layer.
+    distill_layers = [] if refiner is not None and distill is not None else None
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
         layer_groups = [g for g in groups if g.layer == i]
@@ -288,7 +295,10 @@ def quantize_tensors(
             if sequential:
                 for n, q in quantized.items():
                     model_weights[n] = q.dequantize(torch.float32)
-            yield from quantized.items()
+            if distill_layers is not None:
+                distill_layers.append((norms, quantized))  # emitted once the model is tuned
+            else:
+                yield from quantized.items()
         if quant.kv_cache_dtype == "fp8":
             k, v = float(kv_cache_scale(stats.k_amax[i])), float(kv_cache_scale(stats.v_amax[i]))
             report.k_scales.append(k)
@@ -297,6 +307,9 @@ def quantize_tensors(
             yield p + "self_attn.v_scale", torch.tensor(v, dtype=torch.float32)
         if on_layer is not None:
             on_layer()
+    if distill_layers is not None:
+        yield from _distill(config, refiner, embed, weights["norm.weight"], distill_layers,
+                            distill, report)
     yield "norm.weight", dense("norm.weight")
     head = weights.pop("lm_head.weight", embed)  # untied checkpoints carry their own head
     if lm_head:
@@ -319,6 +332,25 @@ def _refine(refiner: LayerwiseRefiner, layer: int, norms: dict[str, torch.Tensor
                             {short(n): q for n, q in quantized.items()})
     report.refine_loss.append((result.loss_before, result.loss_after))
     return {n: result.weights[short(n)].to("cpu") for n in quantized}
+
+
+def _distill(config: GemmaConfig, refiner: LayerwiseRefiner, embed: torch.Tensor,
+             final_norm: torch.Tensor, layers: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+             options: DistillOptions, report: QuantReport) -> Iterator[tuple[str, Any]]:
+    """Every layer's linears, tuned by ``distill_scales`` (canonical names out)."""
+    def short(name: str) -> str:
+        return name.split(".")[-2]
+
+    device = refiner.embedded.device
+    result = distill_scales(
+        config, embed.to(device), final_norm.to(device),
+        [{n: t.to(device).float() for n, t in norms.items()} for norms, _ in layers],
+        [{short(n): q.to(device) for n, q in quantized.items()} for _, quantized in layers],
+        refiner.embedded, refiner.float_hidden, refiner.valid, options)
+    report.distill_loss = (result.loss_before, result.loss_after)
+    for (_, quantized), tuned in zip(layers, result.layers, strict=True):
+        for name in quantized:
+            yield name, tuned[short(name)].to("cpu")
 
 
 def output_config(config: GemmaConfig, quant: QuantConfig) -> GemmaConfig:

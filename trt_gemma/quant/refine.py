@@ -122,18 +122,18 @@ def run_layer(config: GemmaConfig, layer: int, w: LayerWeights, ns: NormScales,
     return out.view(b, t, hidden)
 
 
-class _Factors:
+class Factors:
     """The trainable log-factors of one layer's INT4 weights and the dense weights they give."""
 
     def __init__(self, weights: dict[str, Int4Weight]):
         self.weights = weights
-        self.grid = {}  # name -> (q - zero) fp32 [out, in]: fixed
+        self.grid = {}  # name -> (q - zero) int8 [out, in]: fixed (int8: a quarter of fp32)
         self.log_scale = {}  # name -> [out, G]
         self.log_pre = {}  # shared-input group -> [in]
         for name, w in weights.items():
             zero = (w.zeros.float().repeat_interleave(w.group_size, dim=1)[:, :w.in_features]
                     if w.zeros is not None else float(SYMMETRIC_ZERO))
-            self.grid[name] = unpack_int4(w.qweight).float() - zero
+            self.grid[name] = (unpack_int4(w.qweight).float() - zero).to(torch.int8)
             self.log_scale[name] = torch.zeros_like(w.scales, dtype=torch.float32,
                                                     requires_grad=True)
             if w.pre_quant_scale is not None:
@@ -159,7 +159,7 @@ class _Factors:
         out = {}
         for name, w in self.weights.items():
             scales, pre = self._stored(name)
-            dense = self.grid[name] * scales.repeat_interleave(w.group_size, dim=1)[
+            dense = self.grid[name].float() * scales.repeat_interleave(w.group_size, dim=1)[
                 :, :w.in_features]
             out[name] = dense if pre is None else dense * pre[None, :]
         return out
@@ -196,7 +196,7 @@ def refine_layer(
     if inputs.shape != target.shape or inputs.shape[:2] != valid.shape:
         raise ValueError(f"refine_layer: inputs {list(inputs.shape)}, target "
                          f"{list(target.shape)} and valid {list(valid.shape)} do not match")
-    factors = _Factors(weights)
+    factors = Factors(weights)
     inputs, target, valid = inputs.float(), target.float(), valid.float()
 
     def loss_on(idx: torch.Tensor | None) -> torch.Tensor:
@@ -249,6 +249,7 @@ class LayerwiseRefiner:
         ids, self.valid = ids.to(device), self.valid.to(device)
         with torch.no_grad():
             x = embed.to(device)[ids].float() * config.hidden_size ** 0.5
+        self.embedded = x  # the windows' scaled embeddings (distill.py starts from them)
         self.float_hidden, self.quant_hidden = x, x.clone()
 
     @torch.no_grad()
