@@ -117,9 +117,10 @@ def distill_scales(
     embed = embed.to(embedded.device)
     with torch.no_grad():
         teacher = ops.rms_norm(teacher_hidden.float(), student.final_norm, config.rms_norm_eps)
-        flat = teacher.reshape(-1, teacher.shape[-1])
-        top = torch.cat([(h @ embed.T.float()).topk(options.top_k, dim=-1).indices
+        flat, head = teacher.reshape(-1, teacher.shape[-1]), embed.float()
+        top = torch.cat([(h @ head.T).topk(options.top_k, dim=-1).indices
                          for h in flat.split(256)])  # [256, vocab] fp32 logits at a time
+        del head
         top = top.view(*teacher.shape[:2], options.top_k)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
