@@ -18,7 +18,9 @@ Per mode (weights of one group share their input, hence one AWQ ``s`` and one ac
   method: each group's range from ``search_clip`` (llm-awq's auto_clip), RTN codes. Then, layer by
   layer, the group scales and AWQ input scales are refined (``quant/refine.py``): fitted so that
   the quantized layer, fed the quantized model's hidden states, reproduces the float layer's
-  output on the calibration windows. Codes stay GPTQ's.
+  output on the calibration windows; last, all layers' scales at once, to the float model's
+  next-token distribution (``quant/distill.py``; the linears are held until then). Codes stay
+  GPTQ's.
 
 Embeddings and norms stay dense in the activation dtype. The LM head (tied to the embedding on
 every Gemma) is quantized only with ``quantize_lm_head``; it then becomes a separate
