@@ -323,36 +323,35 @@ def quantize_tensors(
         yield "lm_head.weight", head.to(dtype)
 
 
+def _short(name: str) -> str:
+    """The refit modules' name of a linear: "layers.3.self_attn.q_proj.weight" -> "q_proj"."""
+    return name.split(".")[-2]
+
+
 def _refine(refiner: LayerwiseRefiner, layer: int, norms: dict[str, torch.Tensor],
             dense: dict[str, torch.Tensor], quantized: dict[str, Any],
             report: QuantReport) -> dict[str, Any]:
     """Run the layer's refinement; canonical names in and out (the refiner uses short ones)."""
-    def short(name: str) -> str:
-        return name.split(".")[-2]  # "layers.3.self_attn.q_proj.weight" -> "q_proj"
-
-    result = refiner.refine(layer, norms, {short(n): w for n, w in dense.items()},
-                            {short(n): q for n, q in quantized.items()})
+    result = refiner.refine(layer, norms, {_short(n): w for n, w in dense.items()},
+                            {_short(n): q for n, q in quantized.items()})
     report.refine_loss.append((result.loss_before, result.loss_after))
-    return {n: result.weights[short(n)].to("cpu") for n in quantized}
+    return {n: result.weights[_short(n)].to("cpu") for n in quantized}
 
 
 def _distill(config: GemmaConfig, refiner: LayerwiseRefiner, embed: torch.Tensor,
              final_norm: torch.Tensor, layers: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
              options: DistillOptions, report: QuantReport) -> Iterator[tuple[str, Any]]:
     """Every layer's linears, tuned by ``distill_scales`` (canonical names out)."""
-    def short(name: str) -> str:
-        return name.split(".")[-2]
-
     device = refiner.embedded.device
     result = distill_scales(
         config, embed.to(device), final_norm.to(device),
         [{n: t.to(device).float() for n, t in norms.items()} for norms, _ in layers],
-        [{short(n): q.to(device) for n, q in quantized.items()} for _, quantized in layers],
+        [{_short(n): q.to(device) for n, q in quantized.items()} for _, quantized in layers],
         refiner.embedded, refiner.float_hidden, refiner.valid, options)
     report.distill_loss = (result.loss_before, result.loss_after)
     for (_, quantized), tuned in zip(layers, result.layers, strict=True):
         for name in quantized:
-            yield name, tuned[short(name)].to("cpu")
+            yield name, tuned[_short(name)].to("cpu")
 
 
 def output_config(config: GemmaConfig, quant: QuantConfig) -> GemmaConfig:

@@ -38,8 +38,6 @@ from trt_gemma.model import LayerWeights, NormScales, decoder_layer
 
 # Canonical names of a decoder layer's linears, and which of them share their input.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PREFIX = {"q_proj": "self_attn.", "k_proj": "self_attn.", "v_proj": "self_attn.",
-           "o_proj": "self_attn.", "gate_proj": "mlp.", "up_proj": "mlp.", "down_proj": "mlp."}
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
                  "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 
