@@ -29,7 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from trt_gemma import ops
 from trt_gemma.config import GemmaConfig
 from trt_gemma.kernels.gemm_w4a16 import Int4Weight
-from trt_gemma.quant.refine import LINEARS, Factors, layer_weights, run_layer
+from trt_gemma.quant.refine import (
+    LINEARS,
+    Factors,
+    fit_keeping_best,
+    layer_weights,
+    run_layer,
+)
 
 
 @dataclass(frozen=True)
@@ -134,23 +140,6 @@ def distill_scales(
                 total += float(loss_on(idx)) * float(valid[idx].sum())
             return total / float(valid.sum())
 
-    params = student.parameters()
-    before = best = full_loss()
-    best_state = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=options.lr)
-    gen = torch.Generator().manual_seed(options.seed)
-    for step in range(options.steps):
-        for group in opt.param_groups:
-            group["lr"] = options.lr * (1 - step / options.steps)
-        idx = torch.randperm(len(valid), generator=gen)[:options.batch_windows].to(valid.device)
-        opt.zero_grad(set_to_none=True)
-        loss_on(idx).backward()
-        opt.step()
-        if (step + 1) % options.eval_every == 0 or step + 1 == options.steps:
-            loss = full_loss()
-            if loss < best:
-                best, best_state = loss, [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, b in zip(params, best_state, strict=True):
-            p.copy_(b)
+    before, best = fit_keeping_best(student.parameters(), loss_on, full_loss,
+                                    num_windows=len(valid), device=valid.device, options=options)
     return DistillResult([f.export() for f in student.factors], before, best)
