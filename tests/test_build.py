@@ -121,8 +121,8 @@ def test_int4_awq_refinement_keeps_the_codes_and_fits_the_scales(tiny_gemma3_dir
     assert default.report.refine_loss == losses
     before, after = default.report.distill_loss
     assert after < before
-    assert read_engine(tmp_path / "default").quant.extra["refine_steps"] == 40
-    assert read_engine(tmp_path / "default").quant.extra["distill_steps"] == 30
+    extra = read_engine(tmp_path / "default").quant.extra
+    assert (extra["refine_steps"], extra["distill_steps"]) == (40, 90)  # the defaults, recorded
     a = read_engine(tmp_path / "plain").load_weights()
     for other in ("refined", "default"):
         b = read_engine(tmp_path / other).load_weights()
@@ -186,6 +186,27 @@ def test_engine_dir_as_source(tiny_gemma3_dir, tmp_path):
     assert read_engine(tmp_path / "requant").quant.mode == "int4"
     with pytest.raises(CheckpointError, match="already quantized"):
         _build(tmp_path / "requant", tmp_path / "again", quant="fp8")
+
+
+def test_default_calibration_budget_covers_every_bundled_text(real_gguf_path):
+    """The default --calib-tokens must not silently cut the bundled text short: every file of it
+    (in the order joined) fits, window BOS tokens included, with the real Gemma tokenizer."""
+    from trt_gemma.build.engine import DEFAULT_CALIB_TEXTS, calibration_text
+    from trt_gemma.quant.calibrate import calibration_windows
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    opts = BuildOptions()
+    tok = GemmaTokenizer.from_gguf(real_gguf_path)
+    text, name = calibration_text(None)
+    assert name == "bundled:" + "+".join(DEFAULT_CALIB_TEXTS)
+    ids = tok.encode(text, add_bos=False)
+    windows = calibration_windows(ids, tok.bos_id, opts.calib_window, opts.calib_tokens)
+    assert sum(len(w) - 1 for w in windows) == len(ids)  # every text token, each once
+    # Held-out texts stay out of calibration: no paragraph of one appears in the bundled text.
+    data = Path(__file__).parents[1] / "trt_gemma" / "data"
+    for held in sorted(data.glob("heldout*.txt")):
+        paras = [q for q in held.read_text("utf-8").split("\n\n") if len(q) > 80]
+        assert paras and not any(q in text for q in paras), held.name
 
 
 def test_calibration_text_errors(tiny_gemma3_dir, tmp_path):

@@ -36,11 +36,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="auto | fp8 (default: the profile's choice, else auto)")
     p.add_argument("--group-size", type=int, default=128, help="INT4 channels per scale")
     p.add_argument("--calib-text", default=None, help="calibration text file (default: bundled)")
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens at most")
+    p.add_argument("--calib-tokens", type=int, default=40960, help="calibration tokens at most")
     p.add_argument("--refine-steps", type=int, default=40,
                    help="int4-awq: steps per layer fitting the INT4 scales so that each quantized "
                         "layer reproduces the float one on the calibration text (0: off)")
-    p.add_argument("--distill-steps", type=int, default=30,
+    p.add_argument("--distill-steps", type=int, default=90,
                    help="int4-awq: then steps fitting all INT4 scales at once so that the "
                         "quantized model's next-token distribution matches the float one's "
                         "on the calibration text (0: off)")

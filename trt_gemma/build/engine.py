@@ -40,9 +40,13 @@ from trt_gemma.quant.refine import RefineOptions
 
 BACKENDS = ("native", "tensorrt-llm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# In trt_gemma/data/, original text (see its README), joined: about 5000 Gemma tokens. More and
-# more varied text than calibration.txt alone lowered GPTQ's held-out cost (docs/quantization.md).
-DEFAULT_CALIB_TEXTS = ("calibration.txt", "calibration_more.txt")
+# In trt_gemma/data/, original text in many genres (see its README), joined: about 34k Gemma
+# tokens. Every int4-awq stage fits what it is calibrated on, so more and more varied text
+# lowered the cost on unseen text (docs/quantization.md).
+DEFAULT_CALIB_TEXTS = ("calibration.txt", "calibration_more.txt", "calibration_encyclopedia.txt",
+                       "calibration_news.txt", "calibration_fiction.txt",
+                       "calibration_science_tech.txt", "calibration_conversational.txt",
+                       "calibration_essays.txt")
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,11 @@ class BuildOptions:
     kv_cache_dtype: str | None = None  # auto | fp8; None: the profile's, else auto
     group_size: int = 128  # INT4 input channels per scale
     calib_text: str | None = None  # text file; None: the bundled calibration text
-    calib_tokens: int = 8192  # calibration tokens at most (BOS of each window included)
+    calib_tokens: int = 40960  # calibration tokens at most (BOS of each window included)
     calib_window: int = 512  # tokens per calibration forward pass
     calib_rows: int = 1024  # input rows per linear group kept for the AWQ search
     refine_steps: int = 40  # int4-awq: steps per layer fitting scales to the float layer; 0: off
-    distill_steps: int = 30  # int4-awq: then steps fitting all scales to the float model's output
+    distill_steps: int = 90  # int4-awq: then steps fitting all scales to the float model's output
     profile: str | None = None  # a name in profiles.PROFILES
     dtype: str = "bfloat16"  # activation dtype: dense weights and INT4 scales are stored in it
     quantize_lm_head: bool = False  # quantize the (tied) LM head too, as a separate weight

@@ -40,11 +40,11 @@ from trt_gemma.quant.refine import (
 
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int = 30  # Adam steps over the whole model
+    steps: int = 90  # Adam steps over the whole model
     lr: float = 0.002  # on the log of the factors; decays linearly to 0
     batch_windows: int = 4  # calibration windows per step
     top_k: int = 64  # the float model's most likely tokens per position the KL is taken over
-    eval_every: int = 10  # steps between full-calibration loss checks (best point kept)
+    eval_every: int = 30  # steps between full-calibration loss checks (best point kept)
     eval_windows: int = 4  # windows per forward in those checks (memory bound)
     seed: int = 0
 
