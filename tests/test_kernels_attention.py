@@ -20,7 +20,8 @@ import torch
 _INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 if _INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("trt_gemma.kernels.attention", None)  # re-decorate if imported natively
+    for _name in ("trt_gemma.kernels.attention", "trt_gemma.kernels.attention_jit"):
+        sys.modules.pop(_name, None)  # re-decorate if imported natively
 
 import importlib  # noqa: E402
 import itertools  # noqa: E402
