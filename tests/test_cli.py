@@ -90,3 +90,17 @@ def test_prompt_longer_than_context(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     result = run_cli("generate", str(tmp_path), " ".join(["w1"] * 300), "--max-tokens", "4")
     assert_one_line_error(result, "context")
+
+
+def test_build_flags_default_to_build_options():
+    """The CLI repeats BuildOptions' defaults (it imports the converter only when it runs): the
+    two must not drift apart, or `trt-gemma build` and `build_engine()` build different engines."""
+    from trt_gemma.build.engine import BuildOptions
+    from trt_gemma.cli import build_parser
+
+    args = build_parser().parse_args(["build", "src", "-o", "out"])
+    defaults = BuildOptions()
+    for field in ("quant", "kv_cache_dtype", "group_size", "calib_text", "calib_tokens",
+                  "refine_steps", "distill_steps", "profile", "dtype", "quantize_lm_head",
+                  "backend", "overwrite", "device"):
+        assert getattr(args, field) == getattr(defaults, field), field
