@@ -21,12 +21,37 @@ Real weight: ``W[n, k] = (q[n, k] - zero[n, g]) * scales[n, g] * pre_quant_scale
 ``g = k // group_size``; the kernel applies ``pre_quant_scale`` to x instead, which is the same
 product.
 
-Which runs where: ``w4a16_linear`` launches the Triton kernel (CUDA, or CPU tensors under
-``TRITON_INTERPRET=1`` for tests). On CPU the runtime dequantizes once at load
-(``Int4Weight.dequantize``) and uses a dense matmul. ``kernels/reference_gemm.py`` holds
-``w4a16_linear_ref``, the definition of correct.
+Which runs where: ``w4a16_linear`` runs on CUDA (or on CPU tensors under ``TRITON_INTERPRET=1``
+for tests). On CPU the runtime dequantizes once at load (``Int4Weight.dequantize``) and uses a
+dense matmul. ``kernels/reference_gemm.py`` holds ``w4a16_linear_ref``, the definition of correct.
 
-Importing this module never imports Triton: the kernel is built on first launch, so CPU-only
+Launch configurations: ``choose_config(m, n, k, group_size, dtype, cc, num_sms)`` is what the
+launcher calls (``compile_specs`` enumerates its outcomes). ``block_k`` is always the largest
+power of two <= 128 dividing the group (one scale per row per K step, applied to the fp32 partial
+sums: the 4-bit codes enter the tensor cores exactly).
+
+- small M (``m <= 16``, decode): one 16-row tile of x against narrow 32-column tiles of W, 4
+  pipeline stages. Gemma's decode shapes leave ``n / 32`` tiles short of the ~4 programs per SM
+  that hide memory latency when n is small and k large (gemma-2-2b's down projection: 72 tiles,
+  k 9216), so K is split in ``split_k`` parts (power of two <= 16, each >= 512 channels, whole K
+  tiles) until ``tiles * split_k`` reaches 4 per SM. Split programs store fp32 partial tiles in a
+  scratch buffer (``torch.empty``: no launch) and count their arrival on a per-tile int32 counter;
+  the last to arrive sums the partials in split order (deterministic, unlike atomic adds), writes
+  y in x's dtype and resets its counter. So a decode GEMM is ONE launch, split or not; the
+  counters are zeroed once per device and stream when first needed (warm up before capturing a
+  CUDA graph).
+- mid M (``16 < m < 256``): the same fused kernel, 32/64-row by 64/128-column tiles, no split:
+  still bound by reading the 4-bit weight, which this path reads once.
+- large M (``m >= 256``, prefill): a Triton kernel dequantizes W (``Int4Weight.dequantize``'s fp32
+  math, ``pre_quant_scale`` folded into W) into a dense buffer of x's dtype, at most 64 MiB of rows
+  at a time, and cuBLAS (``torch.mm``) multiplies each chunk straight into its columns of y: 2
+  launches per chunk (one chunk up to 64 MiB of dense weight: every Gemma projection of the 2B/9B
+  models, most of 27B's). Here the GEMM is compute-bound and cuBLAS's dense bf16 GEMM outruns a
+  mixed-input Triton GEMM; the dequantization's extra ~4.5 bytes per weight cost less than the
+  GEMM from roughly m = 256 on an H100 (989 TFLOP/s over 3.35 TB/s; a paper estimate, to be
+  re-measured on the GPU).
+
+Importing this module never imports Triton: the kernels are built on first launch, so CPU-only
 installs work and ``TRITON_INTERPRET`` is honoured whenever it is set before that launch.
 """
 
@@ -164,12 +189,85 @@ class Int4Weight:
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernel
+# Launch configurations
+
+
+LARGE_M = 256  # rows from which the dequantize + cuBLAS path runs (see the module docstring)
+SMALL_M = 16  # rows up to which one 16-row tile covers x (decode)
+_SPLIT_K_MIN_CHANNELS = 512  # a split streams at least this many input channels per program
+_SPLIT_K_MAX = 16
+_PROGRAMS_PER_SM = 4  # resident programs per SM a decode GEMM aims for (latency hiding)
+# Output tiles of a split launch at most (the counters' length): splits only happen when tiles
+# are few, and a launch with more tiles runs unsplit.
+_MAX_SPLIT_TILES = 1 << 16
+_DEQUANT_CHUNK_BYTES = 64 << 20  # dense weight rows dequantized per cuBLAS call, at most
+# SM count by compute capability when no device is at hand (compile checks): A100, L40S, H100.
+_DEFAULT_SMS = {(8, 0): 108, (8, 6): 84, (8, 9): 142, (9, 0): 132}
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """One way to run a W4A16 GEMM; ``choose_config`` picks it, the launcher follows it."""
+
+    path: str  # "fused": the Triton GEMM; "dequant": Triton dequantization + cuBLAS
+    block_m: int  # rows of x per program (fused)
+    block_n: int  # output channels per program (fused) or dequantized rows per program
+    block_k: int  # input channels per step: divides the group, so one scale per row per step
+    split_k: int  # programs sharing one output tile along K (fused; 1 = no split)
+    num_warps: int
+    num_stages: int
+
+
+def _block_k(group_size: int) -> int:
+    """Largest power of two <= 128 dividing group_size (>= 16, what tl.dot needs)."""
+    block = 128
+    while group_size % block:
+        block //= 2
+    return block
+
+
+def _split_k(tiles: int, k: int, block_k: int, num_sms: int) -> int:
+    """Splits of K so that ``tiles * split`` programs reach ~4 per SM, each split >= 512 channels
+    (and a whole number of K tiles, so no split straddles a group)."""
+    split = 1
+    while (
+        tiles * split < _PROGRAMS_PER_SM * num_sms
+        and split < _SPLIT_K_MAX
+        and k // (2 * split) >= max(_SPLIT_K_MIN_CHANNELS, block_k)
+    ):
+        split *= 2
+    return split
+
+
+def choose_config(
+    m: int, n: int, k: int, group_size: int, dtype: torch.dtype, cc: tuple[int, int],
+    num_sms: int | None = None,
+) -> W4A16Config:
+    """The configuration of a ``[m, k] x [n, k].T`` GEMM (module docstring: small, mid, large M)."""
+    sms = num_sms or _DEFAULT_SMS.get(tuple(cc), 108)
+    block_k = _block_k(group_size)
+    # Hopper/Ada/Ampere pipeline global->shared copies; deeper for the streaming decode tiles.
+    stages = 4 if tuple(cc) >= (8, 0) else 2
+    if m >= LARGE_M:
+        return W4A16Config("dequant", 0, 64, block_k, 1, 4, 1)
+    if m <= SMALL_M:
+        block_n = 32
+        split = _split_k(-(-n // block_n), k, block_k, sms)
+        return W4A16Config("fused", 16, block_n, block_k, split, 4, stages)
+    block_m = 32 if m <= 32 else 64
+    # fp32 operands ("ieee" dot) double the registers of a tile: keep its N tile at 64.
+    block_n = 64 if m <= 64 or dtype == torch.float32 else 128
+    return W4A16Config("fused", block_m, block_n, block_k, 1, 4, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
 
 
 @functools.cache
-def _kernel():
-    """Build the kernel on first use (see the module docstring for why it is not module-level)."""
+def _kernels():
+    """Build the kernels on first use (see the module docstring for why they are not
+    module-level): (the fused GEMM, the dequantization kernel)."""
     import triton
     import triton.language as tl
 
@@ -181,7 +279,11 @@ def _kernel():
         zeros_ptr,  # [N, G] uint8 zero points (read only when HAS_ZEROS)
         pqs_ptr,  # [K] float pre-quant scale of x (read only when HAS_PRE_SCALE)
         y_ptr,  # [M, N] output, x's dtype
+        part_ptr,  # [split_k, M, N] fp32 partial sums (only when SPLIT)
+        count_ptr,  # [tiles] int32 arrival counters, zero before and after a launch (SPLIT)
         M, N, K,
+        k_per_split,  # input channels per split, a multiple of BLOCK_K (K when not SPLIT)
+        split_k,  # programs per output tile along K (grid axis 1)
         stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
         GROUP_SIZE: tl.constexpr,
         HAS_ZEROS: tl.constexpr,
@@ -192,9 +294,13 @@ def _kernel():
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a K tile never straddles two groups
+        SPLIT: tl.constexpr,  # split_k > 1: partial sums, reduced by the last split to arrive
     ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        tile = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_m = tile // tiles_n
+        pid_n = tile % tiles_n
         # int64 rows/cols: M * N of a long prefill through a vocabulary-sized layer passes 2**31.
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -203,7 +309,9 @@ def _kernel():
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_start = pid_k * k_per_split
+        k_stop = tl.minimum(K, k_start + k_per_split)
+        for k0 in range(k_start, k_stop, BLOCK_K):
             k = k0 + offs_k
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -232,28 +340,86 @@ def _kernel():
                 part = tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)))  # [BLOCK_M, BLOCK_N]
             step = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)
             acc += part * step.to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
+        mask = mask_m[:, None] & mask_n[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        if SPLIT:
+            # Partial tile -> scratch; the barrier makes every thread's stores precede the
+            # release of the arrival, so the last split (acquire) reads them all. It sums the
+            # splits in index order: the result does not depend on arrival order.
+            mn = offs_m[:, None] * N + offs_n[None, :]  # int64 [BLOCK_M, BLOCK_N]
+            tl.store(part_ptr + pid_k.to(tl.int64) * M * N + mn, acc, mask=mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, split_k):
+                    # .cg: from L2, never a stale L1 line of an earlier launch's partials.
+                    total += tl.load(part_ptr + s * M * N + mn, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.store(count_ptr + tile, 0)  # ready for the next launch
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return w4a16_gemm_kernel
+    @triton.jit
+    def w4a16_dequant_kernel(
+        qw_ptr,  # [N, K // 2] uint8, channel 2j in the low nibble of byte j
+        scales_ptr,  # [N, G] float group steps
+        zeros_ptr,  # [N, G] uint8 zero points (read only when HAS_ZEROS)
+        pqs_ptr,  # [K] float pre-quant scale (read only when HAS_PRE_SCALE)
+        w_ptr,  # [rows, K] dense weight out (fp16 | bf16 | fp32): rows row0 .. row0 + rows - 1
+        row0, rows, K,
+        stride_qn, stride_sn, stride_zn, stride_wn,
+        GROUP_SIZE: tl.constexpr,
+        HAS_ZEROS: tl.constexpr,
+        HAS_PRE_SCALE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,  # divides GROUP_SIZE
+    ):
+        offs_r = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # dense row
+        k0 = tl.program_id(1) * BLOCK_K
+        k = k0 + tl.arange(0, BLOCK_K)
+        b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        n = row0 + offs_r  # weight row
+        mask_r = offs_r < rows
+        packed = tl.load(qw_ptr + n[:, None] * stride_qn + b[None, :],
+                         mask=mask_r[:, None] & (b[None, :] < K // 2), other=0)
+        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        g = k0 // GROUP_SIZE
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + n * stride_zn + g, mask=mask_r, other=0).to(tl.float32)
+            q = q - zero[:, None]
+        else:
+            q = q - 8.0
+        # Int4Weight.dequantize's order of fp32 operations: (q - zero) * scale, then * pqs.
+        step = tl.load(scales_ptr + n * stride_sn + g, mask=mask_r, other=0.0).to(tl.float32)
+        w = q * step[:, None]
+        if HAS_PRE_SCALE:
+            w = w * tl.load(pqs_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+        tl.store(w_ptr + offs_r[:, None] * stride_wn + k[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=mask_r[:, None] & (k[None, :] < K))
+
+    return w4a16_gemm_kernel, w4a16_dequant_kernel
 
 
-def _block_k(group_size: int) -> int:
-    """Largest power of two <= 128 dividing group_size (>= 16, what tl.dot needs)."""
-    block = 128
-    while group_size % block:
-        block //= 2
-    return block
+@functools.cache
+def _arrival_counters(device: torch.device, stream: int) -> torch.Tensor:
+    """Zeroed int32 counters of split-K tiles, one set per device and stream (two streams never
+    share one); each launch leaves them zero again, so they are zeroed only here, once."""
+    return torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
 
 
-def w4a16_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """``y = x @ W.T`` with W dequantized inside the kernel; x ``[..., in]`` -> y ``[..., out]``.
 
-    fp32 accumulation; output in x's dtype. Any number of rows (M = 1 decode included).
-    """
+def _device_info(device: torch.device) -> tuple[tuple[int, int], int | None, int]:
+    """(compute capability, SM count, current stream id); the interpreter on CPU poses as sm90."""
+    if device.type != "cuda":
+        return (9, 0), None, 0
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count, torch.cuda.current_stream(
+        device).cuda_stream
+
+
+def _check(x: torch.Tensor, w: Int4Weight) -> None:
     if not isinstance(w, Int4Weight):
         raise TypeError(f"w4a16_linear: w must be an Int4Weight, got {type(w).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -266,31 +432,107 @@ def w4a16_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
         raise ValueError(f"w4a16_linear: x is on {x.device} but w is on {w.device}")
     if w.group_size % 16:
         raise ValueError(f"w4a16_linear: w.group_size must be a multiple of 16, got {w.group_size}")
+
+
+def w4a16_linear(
+    x: torch.Tensor, w: Int4Weight, *, config: W4A16Config | None = None
+) -> torch.Tensor:
+    """``y = x @ W.T``; x ``[..., in]`` -> y ``[..., out]`` in x's dtype, fp32 accumulation.
+
+    ``config`` defaults to ``choose_config`` for the device (tests pass one to reach every path).
+    """
+    _check(x, w)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
     m, n, k = x2.shape[0], w.out_features, w.in_features
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
+    cc, num_sms, stream = _device_info(x.device)
+    cfg = config or choose_config(m, n, k, w.group_size, x.dtype, cc, num_sms)
+    if cfg.path == "dequant":
+        _dequant_matmul(x2, w, y, cfg)
+    else:
+        _fused(x2, w, y, cfg, stream)
+    return y.reshape(*lead, n)
+
+
+def _operands(w: Int4Weight):
+    """(qweight, scales, zeros, pqs) contiguous; absent ones replaced by a never-read dummy."""
     qweight, scales = w.qweight.contiguous(), w.scales.contiguous()
-    zeros = w.zeros.contiguous() if w.zeros is not None else scales  # dummy, never read
-    pqs = w.pre_quant_scale.contiguous() if w.pre_quant_scale is not None else scales  # dummy
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64
-    grid = (-(-m // block_m), -(-n // block_n))
-    _kernel()[grid](
-        x2, qweight, scales, zeros, pqs, y,
-        m, n, k,
+    zeros = w.zeros.contiguous() if w.zeros is not None else scales
+    pqs = w.pre_quant_scale.contiguous() if w.pre_quant_scale is not None else scales
+    return qweight, scales, zeros, pqs
+
+
+def _fused(x2: torch.Tensor, w: Int4Weight, y: torch.Tensor, cfg: W4A16Config,
+           stream: int) -> None:
+    m, n, k = x2.shape[0], w.out_features, w.in_features
+    qweight, scales, zeros, pqs = _operands(w)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    split = cfg.split_k if tiles <= _MAX_SPLIT_TILES else 1
+    # Whole K tiles per split; trailing splits may be empty (they still arrive and count).
+    k_per_split = -(-k // (split * cfg.block_k)) * cfg.block_k
+    if split > 1:
+        partials = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+        counters = _arrival_counters(x2.device, stream)
+    else:
+        partials = counters = y  # dummies, never read
+    _kernels()[0][(tiles, split)](
+        x2, qweight, scales, zeros, pqs, y, partials, counters,
+        m, n, k, k_per_split, split,
         x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
         y.stride(0),
         GROUP_SIZE=w.group_size,
         HAS_ZEROS=w.zeros is not None,
         HAS_PRE_SCALE=w.pre_quant_scale is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "fast",
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=_block_k(w.group_size),
-        num_warps=4,
-        num_stages=3,
+        DOT_PRECISION=_dot_precision(x2),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        SPLIT=split > 1,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return y.reshape(*lead, n)
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 or not x.is_cuda else "fast"
+
+
+def dequantize_rows(w: Int4Weight, row0: int, rows: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None,
+                    cfg: W4A16Config | None = None) -> torch.Tensor:  # [rows, in]
+    """Rows ``row0 .. row0 + rows - 1`` of ``w.dequantize(dtype)`` by the Triton kernel."""
+    k = w.in_features
+    cfg = cfg or W4A16Config("dequant", 0, 64, _block_k(w.group_size), 1, 4, 1)
+    out = out if out is not None else torch.empty(rows, k, dtype=dtype, device=w.device)
+    qweight, scales, zeros, pqs = _operands(w)
+    grid = (-(-rows // cfg.block_n), -(-k // cfg.block_k))
+    _kernels()[1][grid](
+        qweight, scales, zeros, pqs, out,
+        row0, rows, k,
+        qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        GROUP_SIZE=w.group_size,
+        HAS_ZEROS=w.zeros is not None,
+        HAS_PRE_SCALE=w.pre_quant_scale is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _dequant_matmul(x2: torch.Tensor, w: Int4Weight, y: torch.Tensor, cfg: W4A16Config) -> None:
+    """Large M: dense chunks of W (at most ``_DEQUANT_CHUNK_BYTES``), each multiplied by cuBLAS
+    straight into its column slice of y (row stride n: no copy)."""
+    n, k = w.out_features, w.in_features
+    rows = max(cfg.block_n, _DEQUANT_CHUNK_BYTES // (k * x2.element_size()) // cfg.block_n
+               * cfg.block_n)
+    rows = min(rows, n)
+    buf = torch.empty(rows, k, dtype=x2.dtype, device=x2.device)
+    for row0 in range(0, n, rows):
+        r = min(rows, n - row0)
+        dense = dequantize_rows(w, row0, r, x2.dtype, out=buf[:r], cfg=cfg)
+        torch.mm(x2, dense.t(), out=y[:, row0:row0 + r])
