@@ -21,6 +21,7 @@ from hf_tiny import make_tiny_hf_model
 from trt_gemma.checkpoint.hf import canonical_hf_name
 from trt_gemma.config import GemmaConfig, preset
 from trt_gemma.kernels.reference import FP8_DTYPE
+from trt_gemma.kv_cache import ContiguousKVCache
 from trt_gemma.model import GemmaModel
 from trt_gemma.quant import quantize_fp8, quantize_int4_awq
 from trt_gemma.runtime.block_manager import KVGroup, layer_groups
@@ -96,6 +97,24 @@ def test_step_reads_what_gemma_model_holds(variant):
     assert parts["norms"] == norms
     assert parts["embedding_rows"] == model.embed[ids].nbytes
     assert parts["lm_head"] == model.lm_head.nbytes  # tied: the whole embedding matrix
+
+
+@pytest.mark.parametrize("prompt", [5, 10])  # gemma3-gqa's window is 6: 10 + 1 keys slide
+@pytest.mark.parametrize("variant", ["gemma1-mqa", "gemma3-gqa"])
+def test_flops_equal_torch_flop_counter_on_a_decode_step(variant, prompt):
+    """GEMM and attention FLOPs of one decode token, as torch counts them in our model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hf, config = _tiny(variant)
+    weights = {canonical_hf_name(n, config): t for n, t in hf.state_dict().items()}
+    model = GemmaModel.from_state_dict(config, {n: t for n, t in weights.items() if n},
+                                       pack_cpu_linears=False)
+    cache = ContiguousKVCache(config, 16, torch.float32)
+    cache.forward(model, torch.arange(1, prompt + 1))
+    with FlopCounterMode(display=False) as counter:
+        model.compute_logits(cache.forward(model, torch.tensor([7])))
+    flops = roofline.step_flops(config, context=prompt + 1, batch=1)
+    assert counter.get_total_flops() == sum(flops.values())
 
 
 @pytest.mark.parametrize("config", [_wide_config(), _tiny("gemma2-gqa")[1]],
