@@ -376,7 +376,9 @@ def docs_section(data: dict) -> str:
         f"(`DECODE_LAUNCHES_PER_LAYER`: input norm, qkv GEMM, QK-norm + rope + KV write, decode "
         "attention, o GEMM, post-attention norm + residual + pre-FF norm, gate/up GEMM, GeGLU, "
         f"down GEMM, post-FF norm + residual) + {sum(STEP_LAUNCHES.values())} per step "
-        f"({per_step}); tokens/s = batch / step time.",
+        f"({per_step}); tokens/s = batch / step time. Shapes: `trt_gemma.config.PRESETS` (the "
+        "released models' config.json values); context = keys the new token attends to, "
+        "1k = 1024, 8k = 8192; GB = 10^9 bytes.",
         "",
         "Bytes counted, as our formats store them: each decoder linear once (bf16 `2·out·in`; "
         "fp8 `out·in` + fp32 per-channel scale + fp32 input scale; int4-awq g128 `out·in/2` + "
