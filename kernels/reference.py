@@ -228,3 +228,127 @@ def write_kv_cache_ref(
         if cache.dtype == FP8_DTYPE:
             src = quantize_fp8(src, s)
         cache[blocks, offsets] = src.to(cache.dtype)
+
+
+# Fused decode-step kernels: RMSNorm (+ residual add), GeGLU, q/k norm + rope + KV-cache write -----
+#
+# References of kernels/norm.py, kernels/activation.py and kernels/rope_kv.py. They are also the
+# CPU path, so they are the few torch ops the model used before the kernels existed (same bits,
+# same speed) and stay differentiable when no ``out=`` buffer is given (the quantizer
+# backpropagates through them). Numerics (gemma_pytorch / transformers): RMSNorm in fp32 times
+# ``scale = 1 + w`` (fp32, made once by the caller), rounded to the activation dtype; GeGLU and rope
+# op by op in the activation dtype, with rope cos/sin computed in fp32 and rounded first.
+
+_F = torch.nn.functional
+
+
+def rms_norm_ref(
+    x: torch.Tensor,  # [T, D] (any leading dims; last dim contiguous)
+    scale: torch.Tensor,  # [D] fp32, or fp32 broadcastable to x (e.g. [heads, head_dim])
+    eps: float,
+    *,
+    out: torch.Tensor | None = None,  # [T, D] in x.dtype
+) -> torch.Tensor:  # [T, D] in x.dtype
+    """Gemma RMSNorm: normalise in fp32, multiply by ``scale``, round to x's dtype.
+
+    One fused ``_F.rms_norm`` rather than five elementwise ops: on CPU each op costs its dispatch
+    more than its arithmetic. A per-head scale multiplies after the norm (same math, same bits).
+    """
+    dim = (x.shape[-1],)
+    if scale.shape == dim:
+        y = _F.rms_norm(x.float(), dim, scale, eps).to(x.dtype)
+    else:
+        y = (_F.rms_norm(x.float(), dim, None, eps) * scale).to(x.dtype)
+    return y if out is None else out.copy_(y)
+
+
+def add_rms_norm_ref(
+    h: torch.Tensor,  # [T, D] the sublayer's output
+    residual: torch.Tensor,  # [T, D] same dtype
+    scale: torch.Tensor | None,  # [D] fp32 norm of the new residual (next sublayer's input norm)
+    eps: float,
+    *,
+    pre_scale: torch.Tensor | None = None,  # [D] fp32 post-norm of h first (Gemma 2/3)
+    out: torch.Tensor | None = None,  # [T, D] for normed
+    residual_out: torch.Tensor | None = None,  # [T, D] for new_residual; may be `residual`
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (new_residual, normed or None)
+    """``new_residual = residual + post_norm(h)``, then its RMSNorm: the glue between sublayers."""
+    if pre_scale is not None:
+        h = rms_norm_ref(h, pre_scale, eps)
+    if residual_out is None:
+        new_residual = residual + h
+    else:
+        new_residual = torch.add(residual, h, out=residual_out)
+    normed = None if scale is None else rms_norm_ref(new_residual, scale, eps, out=out)
+    return new_residual, normed
+
+
+def gelu_tanh_and_mul_ref(
+    gate: torch.Tensor,  # [T, I]
+    up: torch.Tensor,  # [T, I]
+    *,
+    out: torch.Tensor | None = None,  # [T, I] in gate.dtype
+) -> torch.Tensor:  # [T, I]
+    """GeGLU: ``gelu_tanh(gate) * up``, op by op (the gelu rounded to the dtype before the mul)."""
+    g = _F.gelu(gate, approximate="tanh")
+    return g * up if out is None else torch.mul(g, up, out=out)
+
+
+def rope_inv_freq(
+    head_dim: int, base: float, scaling: float, device: torch.device | str | None = None
+) -> torch.Tensor:  # [head_dim // 2] fp32
+    """Rope inverse frequencies ``1 / base**(2i / head_dim) / scaling`` (linear scaling divides
+    the positions, i.e. the frequencies), computed in fp32 exactly as transformers does."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    return 1.0 / (base ** (exponent / head_dim)) / scaling
+
+
+def rope_cos_sin_ref(
+    positions: torch.Tensor,  # [T] int
+    inv_freq: torch.Tensor,  # [head_dim // 2] fp32, from rope_inv_freq
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, 1, head_dim], [T, 1, head_dim]) in dtype
+    """cos and *signed* sin of HF's rotate-half rope in fp32, rounded to ``dtype``, shaped to
+    broadcast over heads.
+
+    rotate_half(x) * sin == roll(x, half) * signed_sin, with signed_sin = (-sin_lo, sin_hi): a sign
+    flip is exact, so the rope is four ops, not nine, with the same bits.
+    """
+    half = inv_freq.shape[0]
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    sin = emb.sin()
+    sin[:, :half].neg_()
+    return emb.cos().to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+def qk_norm_rope_kv_write_ref(
+    qk: torch.Tensor,  # [T, H + Hkv, hd]: query heads, then key heads
+    v: torch.Tensor,  # [T, Hkv, hd]
+    positions: torch.Tensor,  # [T] int
+    inv_freq: torch.Tensor,  # [hd // 2] fp32
+    norm: torch.Tensor | None,  # [H + Hkv, hd] fp32 per-head (1 + w), or None (Gemma 1/2)
+    eps: float,
+    num_q_heads: int,
+    k_cache: torch.Tensor | None = None,  # [num_blocks, block_size, Hkv, hd]
+    v_cache: torch.Tensor | None = None,  # [num_blocks, block_size, Hkv, hd]
+    slot_mapping: torch.Tensor | None = None,  # [T] int, -1 = skip
+    *,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+    out: torch.Tensor | None = None,  # [T, H + Hkv, hd]; None: a new tensor (qk is not modified)
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,  # rope_cos_sin_ref's, if computed
+) -> torch.Tensor:  # [T, H + Hkv, hd] normed and roped, in qk.dtype
+    """Per-head RMSNorm of q and k (Gemma 3), rope, and the new keys/values stored in the cache.
+
+    The keys written are the normed, roped ones (``result[:, num_q_heads:]``); v is stored as is.
+    ``cos_sin`` lets a caller compute the rope table once per step and share it across layers.
+    """
+    if norm is not None:
+        qk = rms_norm_ref(qk, norm, eps)
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin_ref(positions, inv_freq, qk.dtype)
+    qk = qk * cos + qk.roll(qk.shape[-1] // 2, dims=-1) * sin
+    if k_cache is not None:
+        write_kv_cache_ref(qk[:, num_q_heads:], v, k_cache, v_cache, slot_mapping,
+                           k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    return qk if out is None else out.copy_(qk)
