@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from trt_gemma.outputs import RequestOutput
 from trt_gemma.runtime.engine import EngineStats, LLMEngine
 from trt_gemma.runtime.sequence import Request
@@ -125,6 +127,9 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         try:
+            device = self.engine.model.device
+            if device.type == "cuda":  # a new thread starts on device 0, the model may not
+                torch.cuda.set_device(device)
             while not self._stopping:
                 self._wake.clear()
                 self._drain()

@@ -1,11 +1,16 @@
 """CUDA graphs for decode steps: capture the model's forward once per batch size.
 
-A decode-only step of B sequences replays the graph of the smallest captured size >= B, with its
-inputs copied into static buffers; the padding rows write to slot -1 (skipped) and see no keys
-(context length 0 gives a zero row), so they change nothing. The Triton decode and KV-write
-kernels take every size from tensor shapes, not values, so they need no host sync inside a graph.
-The LM head stays outside the graph: one large GEMM gains nothing from replay, and keeping it out
-spares a [batch, vocab] static output per captured size.
+A decode-only step of B sequences replays the graph of the smallest captured size >= B. Its inputs
+live in one persistent buffer (``step_inputs.StepBuffer``, pinned host + device): the model runner
+writes a graph step's inputs straight into the host side at the offsets of that size's layout,
+copies them with the step's one host-to-device copy, and the graph reads the device side, which
+never moves. The padding rows write to slot -1 (skipped) and see no keys (context length 0 gives
+a zero row), so they change nothing; they are written when the size changes or the batch shrinks,
+not every step. Block tables are captured at the full ``max_blocks`` width: a step writes only
+its rows' used blocks (the rest is never read past the context length). The Triton decode and
+KV-write kernels take every size from tensor shapes, not values, so they need no host sync inside
+a graph. The LM head stays outside the graph: one large GEMM gains nothing from replay, and
+keeping it out spares a [batch, vocab] static output per captured size.
 
 UNVERIFIED: written without a GPU. ModelRunner uses it only on CUDA and only when
 ``EngineConfig.enforce_eager`` is False; set ``enforce_eager=True`` to rule it out.
@@ -21,6 +26,7 @@ from trt_gemma.runtime.paged_attention import (
     KVCache,
     PagedAttention,
 )
+from trt_gemma.runtime.step_inputs import StepBuffer, StepFields, reserve_step, step_words
 
 
 class CudaGraphRunner:
@@ -30,67 +36,74 @@ class CudaGraphRunner:
         self.kv_cache = kv_cache
         self.batch_sizes = sorted(batch_sizes)
         self.max_batch = self.batch_sizes[-1]
-        dev, b = model.device, self.max_batch
-        self.input_ids = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.slot_mapping = [torch.full((b,), -1, dtype=torch.int64, device=dev)
-                             for _ in range(num_groups)]
-        self.block_tables = [torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=dev)
-                             for _ in range(num_groups)]
-        self.context_lens = [torch.zeros(b, dtype=torch.int32, device=dev)
-                             for _ in range(num_groups)]
-        self.empty_cu = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.num_groups = num_groups
+        self.max_blocks = max_blocks_per_seq
+        b = self.max_batch
+        words = step_words(b, b, b, 0, None, [max_blocks_per_seq] * num_groups)
+        self.buffer = StepBuffer(model.device, words, growable=False)
+        self.filled = (0, 0)  # (size, rows) of the last graph step: padding is valid past rows
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}  # [size, hidden] static output per graph
         self.pool = None
 
-    def _meta(self, size: int) -> AttentionMetadata:
-        groups = [
-            GroupMetadata(self.slot_mapping[g][:size], self.block_tables[g][:size],
-                          self.context_lens[g][:size], None, None)
-            for g in range(len(self.slot_mapping))
-        ]
-        return AttentionMetadata(size, self.empty_cu, groups)
+    def size_for(self, num_decodes: int, width: int) -> int:
+        """The captured size a decode-only step of num_decodes rows replays; 0: run eagerly."""
+        if not 0 < num_decodes <= self.max_batch or width > self.max_blocks:
+            return 0
+        return next(s for s in self.batch_sizes if s >= num_decodes)
 
-    def _forward(self, size: int) -> torch.Tensor:
-        backend = PagedAttention(self.kv_cache, self._meta(size))
-        return self.model.forward(self.input_ids[:size], self.positions[:size], backend)
+    def fields(self, size: int) -> StepFields:
+        """Start a graph step of this size: its layout in the buffer (the captured one)."""
+        return reserve_step(self.buffer, size, size, size, 0, None,
+                            [self.max_blocks] * self.num_groups)
+
+    def pad(self, f: StepFields, size: int, rows: int) -> None:
+        """Padding rows rows..size of the host side, where a previous step left real ones."""
+        last_size, last_rows = self.filled
+        end = size if last_size != size else max(last_rows, rows)
+        if end > rows:
+            f.input_ids[0][rows:end] = 0
+            f.positions[0][rows:end] = 0
+            f.context_lens[0][rows:end] = 0
+            for slots in f.slot_mapping:
+                slots[0][rows:end] = -1
+        self.filled = (size, rows)
+
+    def _meta(self, size: int, f: StepFields) -> AttentionMetadata:
+        groups = [GroupMetadata(f.slot_mapping[g][1], f.block_tables[g][1], f.context_lens[1],
+                                None, None)
+                  for g in range(self.num_groups)]
+        return AttentionMetadata(size, f.cu_seqlens_q[1], groups)
+
+    def _forward(self, size: int, f: StepFields) -> torch.Tensor:
+        backend = PagedAttention(self.kv_cache, self._meta(size, f))
+        return self.model.forward(f.input_ids[1], f.positions[1], backend)
 
     @torch.inference_mode()
     def capture(self) -> None:
         # Largest first, so smaller graphs reuse its memory pool.
         for size in reversed(self.batch_sizes):
-            self._forward(size)  # warm-up: Triton compiles/autotunes outside the capture
+            f = self.fields(size)
+            f.cu_seqlens_q[0][:] = 0
+            for table in f.block_tables:
+                table[0][:] = 0
+            self.filled = (0, 0)
+            self.pad(f, size, 0)  # every row a padding row
+            self.buffer.upload()
+            self._forward(size, f)  # warm-up: Triton compiles/autotunes outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.hidden[size] = self._forward(size)
+                self.hidden[size] = self._forward(size, f)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
-
-    def can_run(self, batch) -> bool:
-        n = batch.input_ids.shape[0]
-        return batch.meta.num_decodes == n and 0 < n <= self.max_batch and (
-            batch.logits_indices.shape[0] == n
-        ) and all(gm.block_tables.shape[1] <= self.block_tables[0].shape[1]
-                  for gm in batch.meta.groups)
+        self.filled = (0, 0)
 
     @torch.inference_mode()
     def run(self, batch) -> torch.Tensor:  # [num_decodes, hidden] final hidden states
-        n = batch.input_ids.shape[0]
-        size = next(s for s in self.batch_sizes if s >= n)
-        self.input_ids[:n].copy_(batch.input_ids)
-        self.input_ids[n:size].zero_()
-        self.positions[:n].copy_(batch.positions)
-        self.positions[n:size].zero_()
-        for g, gm in enumerate(batch.meta.groups):
-            self.slot_mapping[g][:n].copy_(gm.slot_mapping)
-            self.slot_mapping[g][n:size].fill_(-1)
-            width = gm.block_tables.shape[1]
-            self.block_tables[g][:n, :width].copy_(gm.block_tables)
-            self.context_lens[g][:n].copy_(gm.context_lens)
-            self.context_lens[g][n:size].zero_()
-        self.graphs[size].replay()
-        return self.hidden[size][:n].clone()
+        """Replay the graph whose inputs ModelRunner.prepare wrote (and copied) for this step."""
+        n = batch.meta.num_decodes
+        self.graphs[batch.graph_size].replay()
+        return self.hidden[batch.graph_size][:n].clone()

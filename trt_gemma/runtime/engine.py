@@ -212,7 +212,7 @@ class LLMEngine:
         if all(self.sampler.is_plain_greedy(s) for s in seqs):
             if self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows:
                 return SamplerOutput(self.greedy_head(hidden), [None] * len(seqs))
-            return SamplerOutput(self.model.greedy_tokens(hidden), [None] * len(seqs))
+            return SamplerOutput(self.runner.greedy_tokens(hidden), [None] * len(seqs))
         return self.sampler(self.model.compute_logits(hidden), seqs)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:

@@ -3,12 +3,18 @@
 Nothing is wasted on CPU: tokens are packed without padding, and only the hidden states of the
 last token of sequences that sample this step come back (the 262144-wide LM head is most of Gemma 3
 270M's FLOPs): never rows of prefill chunks that end mid-prompt.
+
+Inputs are written in place into persistent buffers (runtime/step_inputs.py) and reach the device
+in one copy per step; decode block tables are kept per sequence across steps and only their
+changes are written. CUDA-graph steps fill the graph's own input buffer, which the captured graphs
+read directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 
 from trt_gemma import ops
@@ -26,25 +32,35 @@ from trt_gemma.runtime.paged_attention import (
 )
 from trt_gemma.runtime.scheduler import SchedulerOutput
 from trt_gemma.runtime.sequence import Sequence
+from trt_gemma.runtime.step_inputs import (
+    BlockTableRows,
+    StepBuffer,
+    StepFields,
+    TokenReadback,
+    reserve_step,
+)
 
 
 class Batch:
-    """The model inputs of one step (host-built, moved to the device once)."""
+    """The model inputs of one step (host-built, moved to the device once). The tensors are views
+    of the runner's step buffers: valid until the next ``prepare``."""
 
     def __init__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 logits_indices: torch.Tensor, sample_seqs: list[Sequence]):
+                 logits_indices: torch.Tensor, sample_seqs: list[Sequence], graph_size: int = 0):
         self.input_ids = input_ids  # [num_tokens]
         self.positions = positions  # [num_tokens]
         self.meta = meta
         self.logits_indices = logits_indices  # [num_samples] rows of the hidden states to sample
         self.sample_seqs = sample_seqs  # the sequence of each of those rows
+        self.graph_size = graph_size  # > 0: a decode step whose inputs fill that CUDA graph's
 
 
 class ModelRunner:
     def __init__(self, model: GemmaModel, block_manager: BlockManager, kv_dtype: torch.dtype,
                  enforce_eager: bool = True, cuda_graph_batch_sizes: tuple[int, ...] = (),
                  max_model_len: int = 0, single_thread_below: int = 0,
-                 int8_decode_max_rows: int = 0):
+                 int8_decode_max_rows: int = 0, max_num_seqs: int = 0,
+                 max_num_batched_tokens: int = 0):
         cfg = model.config
         self.model = model
         self.device = model.device
@@ -65,70 +81,132 @@ class ModelRunner:
         self.threads = None  # CPU: the measured thread count of small steps (cpu_threads.py)
         if self.device.type == "cpu" and single_thread_below:
             self.threads = ThreadChooser(torch.get_num_threads(), single_thread_below)
+        # Persistent inputs: one packed buffer (grows if a step needs more), the decodes' block
+        # tables, the pinned buffer sampled tokens come back through.
+        max_blocks = -(-(max_model_len or cfg.max_position_embeddings) // self.block_size)
+        groups = len(self.windows)
+        tokens = max_num_batched_tokens or 2048
+        self.step_buffer = StepBuffer(self.device, tokens * (3 + groups) + groups * (
+            (max_num_seqs or 64) * min(max_blocks, 256)) // 2)
+        self.rows = BlockTableRows(groups, max_blocks, max_num_seqs or 64)
+        self.read_tokens = TokenReadback(self.device)
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and cuda_graph_batch_sizes:
             from trt_gemma.runtime.cuda_graph import CudaGraphRunner
 
-            self.graphs = CudaGraphRunner(model, self.kv_cache, len(block_manager.groups),
-                                          cuda_graph_batch_sizes,
-                                          -(-max_model_len // self.block_size))
+            self.graphs = CudaGraphRunner(model, self.kv_cache, groups, cuda_graph_batch_sizes,
+                                          max_blocks)
             self.graphs.capture()
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> Batch:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[list[int]] = [[] for _ in self.windows]
-        logits_indices: list[int] = []
-        sample_seqs: list[Sequence] = []
-        cu_q = [0]
+        d = out.num_decodes
+        seqs, counts = out.seqs, out.num_new_tokens
+        decodes = seqs[:d]
+        num_tokens = sum(counts)
         # Every prefill chunk starts a sequence: attend over the new keys only. Not with an FP8
         # cache: prefills then read the keys as the cache rounded them, as later steps will, so a
         # prompt's output does not depend on how it was chunked or prefix-cached.
-        direct = not self.fp8_kv
-        key_slots: list[list[int]] = [[] for _ in self.windows]
-        cu_k: list[list[int]] = [[0] for _ in self.windows]
-        for idx, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens, strict=True)):
+        direct = not self.fp8_kv and all(s.num_computed_tokens == 0 for s in seqs[d:])
+        key_counts = None
+        if not direct:
+            key_counts = [sum(s.num_computed_tokens + n - self._first_key(s, w)
+                              for s, n in zip(seqs[d:], counts[d:], strict=True))
+                          for w in self.windows]
+        num_samples = d + sum(s.num_computed_tokens + n == s.num_tokens
+                              for s, n in zip(seqs[d:], counts[d:], strict=True))
+        widths = [max((len(s.block_tables[g]) for s in decodes), default=0)
+                  for g in range(len(self.windows))]
+        graph_size = 0
+        if self.graphs is not None and d == len(seqs):
+            graph_size = self.graphs.size_for(d, max(widths, default=0))
+        if graph_size:
+            buf = self.graphs.buffer
+            f = self.graphs.fields(graph_size)
+        else:
+            buf = self.step_buffer
+            f = reserve_step(buf, num_tokens, num_samples, d, len(seqs) - d, key_counts, widths)
+        f.cu_seqlens_q[0][0] = 0
+        self._fill_decodes(f, decodes, widths)
+        sample_seqs = list(decodes)
+        if len(seqs) > d:
+            sample_seqs += self._fill_prefills(f, out, key_counts is not None)
+        if graph_size:
+            self.graphs.pad(f, graph_size, d)
+        buf.upload()
+        return self._batch(f, d, num_tokens, len(sample_seqs), sample_seqs, graph_size)
+
+    def _first_key(self, seq: Sequence, window: int | None) -> int:
+        """First key a prefill chunk of seq reads in a group of this window."""
+        return 0 if window is None else max(0, seq.num_computed_tokens - window + 1)
+
+    def _fill_decodes(self, f: StepFields, decodes: list[Sequence], widths: list[int]) -> None:
+        d, bs = len(decodes), self.block_size
+        if not d:
+            return
+        pos = np.fromiter((s.num_computed_tokens for s in decodes), np.int64, count=d)
+        f.input_ids[0][:d] = [s.token_ids[s.num_computed_tokens] for s in decodes]
+        f.positions[0][:d] = pos
+        f.context_lens[0][:d] = pos + 1
+        f.logits_indices[0][:d] = np.arange(d)
+        rows = self.rows.update(decodes)
+        block, offset = pos // bs, pos % bs
+        for g, width in enumerate(widths):
+            blocks = self.rows.tables[g][rows, block].astype(np.int64)
+            np.add(blocks * bs, offset, out=f.slot_mapping[g][0][:d])
+            self.rows.gather(g, rows, f.block_tables[g][0][:d, :width])
+
+    def _fill_prefills(self, f: StepFields, out: SchedulerOutput, keyed: bool) -> list[Sequence]:
+        """Prefill chunks after the decodes; returns the sequences whose chunk samples."""
+        bs, d = self.block_size, out.num_decodes
+        t = d  # next token row
+        k = [0] * len(self.windows)  # next key slot per group
+        cu_q, samples = f.cu_seqlens_q[0], []
+        if keyed:
+            for cu in f.cu_seqlens_k:
+                cu[0][0] = 0
+        for i, (seq, n) in enumerate(zip(out.seqs[d:], out.num_new_tokens[d:], strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            for g, table in enumerate(seq.block_tables):
-                slots[g].extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            f.input_ids[0][t:t + n] = seq.token_ids[start:end]
+            pos = np.arange(start, end, dtype=np.int64)
+            f.positions[0][t:t + n] = pos
+            for g, (table, window) in enumerate(zip(seq.block_tables, self.windows,
+                                                    strict=True)):
+                f.slot_mapping[g][0][t:t + n] = _slots(table, pos, bs)
+                if keyed:
+                    first = self._first_key(seq, window)
+                    keys = np.arange(first, end, dtype=np.int64)
+                    f.prefill_key_slots[g][0][k[g]:k[g] + len(keys)] = _slots(table, keys, bs)
+                    k[g] += len(keys)
+                    f.cu_seqlens_k[g][0][i + 1] = k[g]
+            t += n
+            cu_q[i + 1] = t - d
             if end == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-            if idx >= out.num_decodes:
-                cu_q.append(cu_q[-1] + n)
-                direct = direct and start == 0
-                for g, (table, window) in enumerate(zip(seq.block_tables, self.windows,
-                                                        strict=True)):
-                    first = 0 if window is None else max(0, start - window + 1)
-                    key_slots[g].extend(table[p // bs] * bs + p % bs for p in range(first, end))
-                    cu_k[g].append(cu_k[g][-1] + end - first)
-        d = out.num_decodes
-        decode_seqs = out.seqs[:d]
-        dev = self.device
+                f.logits_indices[0][d + len(samples)] = t - 1
+                samples.append(seq)
+        return samples
+
+    def _batch(self, f: StepFields, d: int, num_tokens: int, num_samples: int,
+               sample_seqs: list[Sequence], graph_size: int) -> Batch:
+        rows = graph_size or num_tokens  # a graph step runs its padded size
+        context_lens = f.context_lens[1][:graph_size or d]
         groups = []
-        context_lens = _tensor([s.num_computed_tokens + 1 for s in decode_seqs], torch.int32, dev)
-        for g in range(len(self.windows)):
-            tables = [seq.block_tables[g] for seq in decode_seqs]
-            width = max((len(t) for t in tables), default=0)
-            rows = [[max(b, 0) for b in t] + [0] * (width - len(t)) for t in tables]
+        for g, window in enumerate(self.windows):
             gm = GroupMetadata(
-                slot_mapping=_tensor(slots[g], torch.int64, dev),
-                block_tables=_tensor(rows, torch.int32, dev).view(d, width),
+                slot_mapping=f.slot_mapping[g][1][:rows],
+                block_tables=f.block_tables[g][1][:graph_size or d],
                 context_lens=context_lens,
-                prefill_key_slots=None if direct else _tensor(key_slots[g], torch.int64, dev),
-                cu_seqlens_k=None if direct else _tensor(cu_k[g], torch.int32, dev),
+                prefill_key_slots=None if f.prefill_key_slots is None
+                else f.prefill_key_slots[g][1],
+                cu_seqlens_k=None if f.cu_seqlens_k is None else f.cu_seqlens_k[g][1],
             )
             if self.cpu_fast_path:
                 gm.decode_key_slots, gm.decode_key_mask = cpu_decode_keys(
-                    gm.block_tables, context_lens, bs, self.windows[g])
+                    gm.block_tables, context_lens, self.block_size, window)
             groups.append(gm)
-        meta = AttentionMetadata(d, _tensor(cu_q, torch.int32, dev), groups)
-        return Batch(_tensor(input_ids, torch.int64, dev), _tensor(positions, torch.int64, dev),
-                     meta, _tensor(logits_indices, torch.int64, dev), sample_seqs)
+        meta = AttentionMetadata(d, f.cu_seqlens_q[1], groups)
+        return Batch(f.input_ids[1][:num_tokens], f.positions[1][:num_tokens], meta,
+                     f.logits_indices[1][:num_samples], sample_seqs, graph_size)
 
     # -- run ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -138,7 +216,7 @@ class ModelRunner:
         if copies:
             self.kv_cache.copy_blocks(copies)
             copies.clear()
-        if self.graphs is not None and self.graphs.can_run(batch):
+        if batch.graph_size:
             hidden = self.graphs.run(batch)
         else:
             small = self.small_model is not None and batch.input_ids.numel() <= self.small_max_rows
@@ -149,6 +227,13 @@ class ModelRunner:
             hidden = hidden[batch.logits_indices]
         return hidden
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:  # hidden: [rows, hidden]
+        """The argmax token of each row. On CUDA the ids come back through a pinned buffer (one
+        non-blocking copy, one synchronisation) instead of ``.tolist()``'s pageable copy."""
+        if self.device.type != "cuda":
+            return self.model.greedy_tokens(hidden)
+        return self.read_tokens(ops.linear(hidden, self.model.lm_head).argmax(dim=-1))
+
     def threads_for(self, num_tokens: int):
         """Context for a step of num_tokens: on CPU, small steps run on the thread count measured
         fastest (one thread on a busy machine, all of them on an idle one)."""
@@ -157,6 +242,8 @@ class ModelRunner:
         return self.threads.step(num_tokens)
 
 
-def _tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(data, dtype=dtype)
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+def _slots(table: list[int], pos: np.ndarray, block_size: int) -> np.ndarray:
+    """Flat cache slots of positions pos (ascending, contiguous) of a sequence's block table."""
+    first = int(pos[0]) // block_size
+    blocks = np.asarray(table[first:int(pos[-1]) // block_size + 1], dtype=np.int64)
+    return blocks[pos // block_size - first] * block_size + pos % block_size
