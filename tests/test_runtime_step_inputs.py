@@ -275,3 +275,23 @@ def test_step_buffer_packs_int32_fields_and_grows():
     fixed = StepBuffer(torch.device("cpu"), words=4, growable=False)
     with pytest.raises(ValueError, match="fixed buffer"):
         reserve_step(fixed, 3, 1, 3, 0, None, [5])
+
+
+@pytest.mark.parametrize("window", [None, 5, 16, 40])
+def test_cpu_decode_keys_against_a_per_row_rebuild(window):
+    g = torch.Generator().manual_seed(7)
+    lens = torch.tensor([1, 4, 17, 33, 64, 50], dtype=torch.int32)
+    tables = torch.randint(0, 1000, (6, 20), generator=g, dtype=torch.int32)[:, :16]  # strided
+    slots, mask = cpu_decode_keys(tables, lens, BS, window)
+    width = max(n - max(0, n - window) if window else n for n in lens.tolist())
+    assert slots.shape == mask.shape == (6, width) and slots.dtype == torch.int64
+    assert slots.is_contiguous()  # the batched decode views it flat
+    for row, n in enumerate(lens.tolist()):
+        first = max(0, n - window) if window else 0
+        t = tables[row].tolist()
+        keys = [t[p // BS] * BS + p % BS for p in range(first, n)]
+        pad = [t[0] * BS] * (width - len(keys))  # padding reads position 0 (masked anyway)
+        assert slots[row].tolist() == keys + pad
+        assert mask[row].tolist() == [True] * len(keys) + [False] * len(pad)
+    empty = cpu_decode_keys(tables[:0], lens[:0], BS, window)
+    assert empty[0].shape == (0, 0) and empty[1].shape == (0, 0)

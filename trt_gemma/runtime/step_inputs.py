@@ -15,6 +15,7 @@ changed since the last one, then gathers the rows in decode order into the step 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +46,13 @@ class StepBuffer:
         self.event = torch.cuda.Event() if self.cuda else None
         self.pending = False  # an upload was issued and not waited for
         self.used = 0
+        # Layouts already laid out in this memory, by their sizes: steady decoding repeats the
+        # same few, and making a dozen tensor views costs more than filling them.
+        self.layouts: dict[tuple, StepFields] = {}
         self._allocate(max(words, 1))
 
     def _allocate(self, words: int) -> None:
+        self.layouts.clear()  # views of the old memory
         self.capacity = words
         self.host = torch.zeros(words, dtype=torch.int64, pin_memory=self.cuda)
         self.host_np = self.host.numpy()
@@ -67,7 +72,7 @@ class StepBuffer:
 
     def field(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, torch.Tensor]:
         """The next field: (host numpy view, device tensor view), both of `shape`."""
-        n = int(np.prod(shape)) if shape else 1
+        n = math.prod(shape)
         start, words = self.used, _words(n, dtype)
         if start + words > self.capacity:
             raise ValueError(f"StepBuffer: field of {n} {np.dtype(dtype).name} past the "
@@ -120,9 +125,18 @@ def reserve_step(buf: StepBuffer, num_tokens: int, num_samples: int, num_decodes
     equal offsets: what CUDA graphs rely on). key_counts None: prefills attend over their new
     keys only (no key slots, no cu_seqlens_k)."""
     i64, i32 = np.int64, np.int32
-    buf.begin(step_words(num_tokens, num_samples, num_decodes, num_prefills, key_counts, widths))
+    key = (num_tokens, num_samples, num_decodes, num_prefills,
+           None if key_counts is None else tuple(key_counts), tuple(widths))
+    words = step_words(num_tokens, num_samples, num_decodes, num_prefills, key_counts, widths)
+    buf.begin(words)
+    fields = buf.layouts.get(key)
+    if fields is not None:
+        buf.used = words
+        return fields
+    if len(buf.layouts) >= 64:
+        buf.layouts.pop(next(iter(buf.layouts)))  # the oldest
     keyed = key_counts is not None
-    return StepFields(
+    fields = buf.layouts[key] = StepFields(
         input_ids=buf.field((num_tokens,), i64),
         positions=buf.field((num_tokens,), i64),
         logits_indices=buf.field((num_samples,), i64),
@@ -133,6 +147,7 @@ def reserve_step(buf: StepBuffer, num_tokens: int, num_samples: int, num_decodes
         cu_seqlens_k=[buf.field((num_prefills + 1,), i32) for _ in widths] if keyed else None,
         block_tables=[buf.field((num_decodes, w), i32) for w in widths],
     )
+    return fields
 
 
 class BlockTableRows:
