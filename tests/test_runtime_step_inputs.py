@@ -104,9 +104,12 @@ def check_batch(runner, batch, ref) -> None:
         assert gm.context_lens[:d].tolist() == ref["context_lens"]
         width = len(ref["tables"][g][0]) if d else 0
         assert gm.block_tables[:d, :width].tolist() == ref["tables"][g]
-        if batch.graph_size:  # padding rows: write nowhere, see nothing
-            assert (gm.slot_mapping[d:] == -1).all() and (gm.context_lens[d:] == 0).all()
-            assert gm.slot_mapping.shape[0] == batch.graph_size
+        if batch.graph_size:  # the graph's padded inputs: padding rows write nowhere, see nothing
+            f = runner.graphs.fields(batch.graph_size)  # its layout, as prepare filled it
+            assert f.slot_mapping[g][1].shape[0] == batch.graph_size
+            assert f.slot_mapping[g][1][:d].tolist() == ref["slots"][g]
+            assert (f.slot_mapping[g][1][d:] == -1).all() and (f.context_lens[1][d:] == 0).all()
+            assert f.input_ids[1][:d].tolist() == ref["input_ids"]
             continue
         assert gm.block_tables.shape == (d, width)
         if ref["direct"]:

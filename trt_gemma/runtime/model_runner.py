@@ -188,13 +188,17 @@ class ModelRunner:
 
     def _batch(self, f: StepFields, d: int, num_tokens: int, num_samples: int,
                sample_seqs: list[Sequence], graph_size: int) -> Batch:
-        rows = graph_size or num_tokens  # a graph step runs its padded size
-        context_lens = f.context_lens[1][:graph_size or d]
+        # Eager steps' fields have exactly the step's sizes; a graph step's the graph's (padded):
+        # the model sees the real rows here (the graph reads the padded fields it captured).
+        def real(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t[:n] if graph_size else t
+
+        context_lens = real(f.context_lens[1], d)
         groups = []
         for g, window in enumerate(self.windows):
             gm = GroupMetadata(
-                slot_mapping=f.slot_mapping[g][1][:rows],
-                block_tables=f.block_tables[g][1][:graph_size or d],
+                slot_mapping=real(f.slot_mapping[g][1], num_tokens),
+                block_tables=real(f.block_tables[g][1], d),
                 context_lens=context_lens,
                 prefill_key_slots=None if f.prefill_key_slots is None
                 else f.prefill_key_slots[g][1],
@@ -205,8 +209,8 @@ class ModelRunner:
                     gm.block_tables, context_lens, self.block_size, window)
             groups.append(gm)
         meta = AttentionMetadata(d, f.cu_seqlens_q[1], groups)
-        return Batch(f.input_ids[1][:num_tokens], f.positions[1][:num_tokens], meta,
-                     f.logits_indices[1][:num_samples], sample_seqs, graph_size)
+        return Batch(real(f.input_ids[1], num_tokens), real(f.positions[1], num_tokens), meta,
+                     real(f.logits_indices[1], num_samples), sample_seqs, graph_size)
 
     # -- run ---------------------------------------------------------------------------------------
     @torch.inference_mode()
