@@ -4,6 +4,12 @@ launchers check arguments, pick tile sizes and grids, and call these).
 Scores live in log2 units (``exp2`` is the fast instruction); the LSE passed between the two
 decode kernels is in log2 units too. Offsets that scale with cache size or token count use
 int64.
+
+``ROW_ALIGN`` states what Triton would otherwise learn only from its specialisation on integer
+arguments: that each row starts on a 16-element boundary, so a row loads as 16-byte vectors.
+The launcher sets it from the actual strides, so the compiled variant is fixed by the launch
+config (and checked ahead of time) instead of by the values the JIT happens to see; without it
+every element needs its own 64-bit address and the tiles spill.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SLIDING_WINDOW: tl.constexpr,  # 0 = no window
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,  # 16 when every row stride is a multiple of 16 elements, else 1
 ):  # fmt: skip
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -104,7 +111,8 @@ def _prefill_kernel(
     m_mask = offs_m < q_len
     q_pos = k_len - q_len + offs_m  # absolute positions: queries are the last q_len of k_len
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q_off = tl.multiple_of(q_rows * stride_qt + head * stride_qh, ROW_ALIGN)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
     qk_scale = scale
     if IS_FP8:
@@ -124,9 +132,11 @@ def _prefill_kernel(
         n_mask = offs_n < k_len
         k_rows = (k_start + offs_n).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        k_off = tl.multiple_of(k_rows * stride_kt + kv_head * stride_kh, ROW_ALIGN)
+        v_off = tl.multiple_of(k_rows * stride_vt + kv_head * stride_vh, ROW_ALIGN)
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(q.dtype)  # fmt: skip
-        v = tl.load(v_ptr + k_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(q.dtype)  # fmt: skip
         s = _scores(q, k, qk_scale, softcap, DOT_PRECISION, USE_SOFTCAP)
         # Masks apply on every tile (not only diagonal ones): simpler, and cheap next to two dots.
@@ -141,7 +151,8 @@ def _prefill_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows with no visible key stay 0
     if IS_FP8:
         out = out * tl.load(v_scale_ptr)
-    tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    o_off = tl.multiple_of(q_rows * stride_ot + head * stride_oh, ROW_ALIGN)
+    tl.store(o_ptr + o_off[:, None] + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
@@ -154,33 +165,46 @@ def _decode_split_kernel(
     context_lens_ptr,  # [batch] int32
     k_scale_ptr,  # [1] fp32, read only when IS_FP8
     v_scale_ptr,  # [1] fp32, read only when IS_FP8
-    mid_o_ptr,  # [batch, num_heads, num_splits, head_dim] fp32, normalised per split
+    o_ptr,  # [batch, num_heads, head_dim], written only when ONE_SPLIT
+    mid_o_ptr,  # [batch, num_heads, num_splits, head_dim] fp32, normalised per split; not ONE_SPLIT
     mid_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 units, -inf for an empty split
-    scale, softcap, split_tokens, block_size, max_blocks, num_splits,
+    scale, softcap, min_split_keys, block_size, max_blocks, num_splits,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt,
+    stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,  # query heads per kv head, padded to pow2 >= 16
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,  # num_splits == 1: write the final output, no reduce follows
+    ROW_ALIGN: tl.constexpr,  # 16 when every row stride is a multiple of 16 elements, else 1
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Clamp to the table's capacity so a bad length can never index past the block table row.
-    ctx = tl.minimum(tl.load(context_lens_ptr + b), max_blocks * block_size)
+    ctx = tl.maximum(tl.minimum(tl.load(context_lens_ptr + b), max_blocks * block_size), 0)
     start = 0
     if SLIDING_WINDOW > 0:  # the query at ctx - 1 sees positions ctx - W .. ctx - 1
         start = tl.maximum(ctx - SLIDING_WINDOW, 0)
-    lo = start + split * split_tokens
-    hi = tl.minimum(ctx, lo + split_tokens)
+    lo = start
+    hi = ctx
+    if not ONE_SPLIT:
+        # The split count is fixed by the launch (the same inside a CUDA graph); each split's
+        # range comes from this sequence's visible keys, so a 4k context on a 128k-wide table
+        # still spreads over every split. Whole BLOCK_N tiles, at least min_split_keys keys:
+        # short contexts leave the last splits empty (lse = -inf).
+        split_keys = tl.cdiv(tl.cdiv(ctx - start, num_splits), BLOCK_N) * BLOCK_N
+        split_keys = tl.maximum(split_keys, min_split_keys)
+        lo = start + split * split_keys
+        hi = tl.minimum(ctx, lo + split_keys)
 
     offs_g = tl.arange(0, GROUP_PAD)
     g_mask = offs_g < GROUP
     heads = kv_head * GROUP + offs_g
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    q_off = tl.multiple_of(b * stride_qb + heads * stride_qh, ROW_ALIGN)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
     qk_scale = scale
     if IS_FP8:
@@ -197,8 +221,8 @@ def _decode_split_kernel(
         blk = blk.to(tl.int64)
         tok = pos % block_size
         kv_mask = in_range[:, None] & d_mask[None, :]
-        k_off = blk * stride_kb + tok * stride_kt + kv_head * stride_kh
-        v_off = blk * stride_vb + tok * stride_vt + kv_head * stride_vh
+        k_off = tl.multiple_of(blk * stride_kb + tok * stride_kt + kv_head * stride_kh, ROW_ALIGN)
+        v_off = tl.multiple_of(blk * stride_vb + tok * stride_vt + kv_head * stride_vh, ROW_ALIGN)
         k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _scores(q, k.to(q.dtype), qk_scale, softcap, DOT_PRECISION, USE_SOFTCAP)
@@ -208,11 +232,16 @@ def _decode_split_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if IS_FP8:
         out = out * tl.load(v_scale_ptr)
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-    row = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [batch, heads, splits]
-    tl.store(mid_lse_ptr + row, lse, mask=g_mask)
-    tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out,
-             mask=g_mask[:, None] & d_mask[None, :])  # fmt: skip
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if ONE_SPLIT:  # rows with no key (ctx 0) stay 0, as after the reduce
+        o_off = tl.multiple_of(b * stride_ob + heads * stride_oh, ROW_ALIGN)
+        tl.store(o_ptr + o_off[:, None] + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=out_mask)  # fmt: skip
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        row = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [b, heads, splits]
+        tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
 
 
 @triton.jit
@@ -247,7 +276,9 @@ def _quantize_fp8(x, scale):
     # is exact. Rounding here rather than in the cast keeps results bit-identical to torch on every
     # backend: the Triton interpreter's software cast drops the carry when rounding up crosses a
     # power of two (31.4 -> 16). The cost is a few integer ops in a memory-bound kernel.
-    y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    # div_rn: IEEE round-to-nearest division, as torch's; Triton's `/` on fp32 is approximate
+    # (div.full) on CUDA, which would move values near a rounding boundary of the fp8 grid.
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
     a = tl.abs(y)
     exp = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: -6
     ulp = ((exp + 124) << 23).to(tl.float32, bitcast=True)  # 2 ** (exp - 3): 3 mantissa bits

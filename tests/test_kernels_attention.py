@@ -324,6 +324,177 @@ def test_prefill_and_write_bad_input_names_argument():
         attn.write_kv_cache(k, k, torch.zeros(2, 4, 2, 64), caches[1], torch.zeros(4).int())
 
 
+# --------------------------------------------------------------------------- static decode splits
+
+
+def _widen(tables: torch.Tensor, width: int) -> torch.Tensor:
+    """The same rows padded to `width` columns with the table's own padding (a NaN block), as a
+    CUDA-graph runtime's max_model_len-wide table."""
+    wide = tables[:, -1:].expand(-1, width).clone()
+    wide[:, : tables.shape[1]] = tables
+    return wide
+
+
+def _split_lse(ws: torch.Tensor, batch: int, heads: int, splits: int, d: int) -> torch.Tensor:
+    n_o = batch * heads * splits * d
+    return ws[n_o : n_o + batch * heads * splits].view(batch, heads, splits)
+
+
+def test_decode_num_splits_is_static():
+    # The interpreter counts 4 SMs: ~2 waves = 8 programs, at least 1 split, at most 64.
+    assert attn.decode_num_splits(1, 1, "cpu") == 8
+    assert attn.decode_num_splits(2, 2, "cpu") == 2
+    assert attn.decode_num_splits(4, 2, "cpu") == 1
+    assert attn.decode_num_splits(1000, 8, "cpu") == 1
+    assert attn.decode_num_splits(0, 1, "cpu") == 8  # an empty batch still gets a valid count
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_short_contexts_on_wide_table_use_their_splits(window):
+    # 40-token contexts on a 4096-block (64k-token) table: the split ranges come from each
+    # sequence's visible keys, so a context spreads over cdiv(visible, 16) splits (16 = the
+    # interpreter's BLOCK_N and least keys per split), not into split 0 of 4096 * 16 / splits.
+    d, heads, splits, bs = 64, (4, 2), 16, 16
+    lens = [40, 1, 0, 100, 57]
+    ks = [_randn(n, heads[1], d) for n in lens]
+    vs = [_randn(n, heads[1], d) for n in lens]
+    k_cache, v_cache, tables, ctx = _paged(ks, vs, bs, torch.float32)
+    tables = _widen(tables, 4096)
+    q = _randn(len(lens), heads[0], d, mul=3.0)
+    kw = dict(scale=d**-0.5, sliding_window=window, softcap=5.0)
+    ws = attn.decode_workspace(len(lens), heads[0], heads[1], d, DEVICE)
+    for b in range(1, len(lens) + 1):  # every batch up to the max fits its default split count
+        s = attn.decode_num_splits(b, heads[1], DEVICE)
+        assert s == 1 or ws.numel() >= b * heads[0] * s * (d + 1)
+    ws = torch.full((len(lens) * heads[0] * splits * (d + 1),), 7.0, device=DEVICE)
+    out = attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=splits,
+                                      workspace=ws, **kw)  # fmt: skip
+    _close(out, ref.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, **kw), 1e-4)
+    lse = _split_lse(ws, len(lens), heads[0], splits, d)
+    for b, n in enumerate(lens):
+        visible = min(n, window or n)
+        used = -(-visible // 16)
+        assert torch.isfinite(lse[b, :, :used]).all(), (b, lse[b])
+        assert (lse[b, :, used:] == float("-inf")).all(), (b, lse[b])
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the reduce kernel must not launch with one split")
+
+
+def test_decode_one_split_writes_output_without_reduce(monkeypatch):
+    d, heads, bs = 128, (8, 2), 8
+    lens = [37, 9, 0]
+    ks = [_randn(n, heads[1], d, dtype=torch.bfloat16) for n in lens]
+    vs = [_randn(n, heads[1], d, dtype=torch.bfloat16) for n in lens]
+    k_cache, v_cache, tables, ctx = _paged(ks, vs, bs, torch.bfloat16)
+    q = _randn(len(lens), heads[0], d, dtype=torch.bfloat16, mul=3.0)
+    kw = dict(scale=d**-0.5, sliding_window=10, softcap=1.5)
+    expected = ref.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, **kw)
+    monkeypatch.setattr(attn, "_decode_reduce_kernel", _NoLaunch())
+    ws = torch.full((64,), 7.0, device=DEVICE)
+    out = attn.paged_decode_attention(q, k_cache, v_cache, _widen(tables, 300), ctx,
+                                      num_splits=1, workspace=ws, **kw)  # fmt: skip
+    _close(out, expected, TOL[torch.bfloat16])
+    assert out[2].abs().sum() == 0
+    assert (ws == 7.0).all()  # the workspace was not touched
+    # The default count is 1 once batch * kv heads fill ~2 waves (8 programs here).
+    many = torch.cat([q] * 2)[:4]
+    out = attn.paged_decode_attention(many, k_cache, v_cache, torch.cat([tables] * 2)[:4],
+                                      torch.cat([ctx] * 2)[:4], **kw)  # fmt: skip
+    _close(out[:3], expected, TOL[torch.bfloat16])
+
+
+def test_decode_into_given_out_and_workspace_matches_allocating_path():
+    d, heads, bs = 64, (4, 1), 16
+    lens = [50, 3, 17]
+    ks = [_randn(n, heads[1], d, dtype=torch.float16) for n in lens]
+    vs = [_randn(n, heads[1], d, dtype=torch.float16) for n in lens]
+    k_cache, v_cache, tables, ctx = _paged(ks, vs, bs, torch.float16)
+    q = _randn(len(lens), heads[0], d, dtype=torch.float16)
+    kw = dict(scale=d**-0.5, sliding_window=20)
+    fresh = attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, **kw)
+    assert attn.decode_num_splits(len(lens), heads[1], DEVICE) > 1  # the reduce runs
+    buf = torch.full((len(lens), heads[0] + 2, d), 9.0, dtype=torch.float16, device=DEVICE)
+    out = buf[:, 1:-1]  # a strided view, as a slice of a packed [tokens, heads, d] output
+    ws = attn.decode_workspace(8, heads[0], heads[1], d, DEVICE)
+    got = attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, out=out, workspace=ws,
+                                      **kw)  # fmt: skip
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, fresh)
+    assert (buf[:, 0] == 9.0).all() and (buf[:, -1] == 9.0).all()
+    _close(out, ref.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx, **kw), 5e-3)
+    with pytest.raises(ValueError, match="^workspace:"):
+        attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, workspace=ws[:10], **kw)
+    with pytest.raises(ValueError, match="^out:"):
+        attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, out=out.float(), **kw)
+
+
+def test_prefill_into_given_out_matches_allocating_path():
+    lq, lk, d = [9, 20], [9, 33], 64
+    q = _randn(sum(lq), 4, d, dtype=torch.bfloat16)
+    k, v = _randn(sum(lk), 2, d, dtype=torch.bfloat16), _randn(sum(lk), 2, d, dtype=torch.bfloat16)
+    kw = dict(scale=d**-0.5, sliding_window=6, softcap=2.0)
+    fresh = attn.prefill_attention(q, k, v, _cu(lq), _cu(lk), **kw)
+    out = torch.full_like(q, 9.0)
+    got = attn.prefill_attention(q, k, v, _cu(lq), _cu(lk), out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out, fresh)
+    _close(out, ref.prefill_attention_ref(q, k, v, _cu(lq), _cu(lk), **kw), TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match="^out:"):
+        attn.prefill_attention(q, k, v, _cu(lq), _cu(lk), out=out[:-1], **kw)
+
+
+def test_scale_args_do_not_allocate():
+    q = torch.zeros(2, 3, device=DEVICE)
+    scale = torch.tensor([0.5], device=DEVICE)
+    assert attn._scale_arg("k_scale", scale, q, True) is scale  # fp32 device tensor: as is
+    assert attn._scale_arg("k_scale", None, q, False) is q  # never read without fp8
+    assert attn._scale_arg("k_scale", 0.5, q, False) is q
+    one = attn._scale_arg("k_scale", None, q, True)  # fp8 without a scale: 1 (allocates)
+    assert one.dtype == torch.float32 and one.item() == 1.0
+    with pytest.raises(ValueError, match="^k_scale:"):
+        attn._scale_arg("k_scale", torch.ones(2), q, False)
+
+
+def test_write_kv_cache_fp8_bit_identical_with_device_scales():
+    # Scales that are not powers of two: x / scale must round like torch's IEEE division.
+    hkv, d, n = 2, 64, 24
+    k, v = _randn(n, hkv, d, mul=20.0), _randn(n, hkv, d, dtype=torch.bfloat16, mul=0.3)
+    slots = torch.randperm(4 * 16, device=DEVICE)[:n]
+    caches = [torch.zeros(4, 16, hkv, d, device=DEVICE).to(FP8) for _ in range(4)]
+    scales = dict(k_scale=torch.tensor([0.0137], device=DEVICE),
+                  v_scale=torch.tensor([0.00291], device=DEVICE))  # fmt: skip
+    attn.write_kv_cache(k, v, caches[0], caches[1], slots, **scales)
+    ref.write_kv_cache_ref(k, v, caches[2], caches[3], slots, **scales)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+
+
+def test_decode_block_ids_past_int32_offsets_interpreted():
+    # Offsets block_id * stride exceed 2**31 elements (and bytes) in a cache that is only
+    # reserved (torch.empty): the blocks read are the ones written. Catches int32 overflow.
+    if DEVICE != "cpu":
+        pytest.skip("the CUDA twin below covers GPUs")
+    d, bs, hkv = 256, 16, 1
+    num_blocks = (2**31) // (bs * hkv * d) + 64
+    k_cache = torch.empty(num_blocks, bs, hkv, d, dtype=FP8)
+    v_cache = torch.empty_like(k_cache)
+    tables = torch.tensor([[num_blocks - 1, num_blocks - 3]], dtype=torch.int32)
+    pos = torch.arange(20)
+    slots = tables[0, pos // bs].long() * bs + pos % bs
+    kv = dict(k_scale=torch.tensor([0.02]), v_scale=torch.tensor([0.01]))
+    k, v = _randn(20, hkv, d), _randn(20, hkv, d)
+    attn.write_kv_cache(k, v, k_cache, v_cache, slots, **kv)
+    q, ctx = _randn(1, 8, d, dtype=torch.bfloat16), torch.tensor([20], dtype=torch.int32)
+    for splits in (1, 3):
+        out = attn.paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale=d**-0.5,
+                                          num_splits=splits, **kv)  # fmt: skip
+        expected = ref.paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx,
+                                                  scale=d**-0.5, **kv)  # fmt: skip
+        _close(out, expected, TOL[torch.bfloat16])
+        _close(out.double(), _naive(q.float(), k, v, scale=d**-0.5), 0.1)
+
+
 # --------------------------------------------------------------------------- larger / GPU-only
 
 
