@@ -243,21 +243,24 @@ def choose_config(
     m: int, n: int, k: int, group_size: int, dtype: torch.dtype, cc: tuple[int, int],
     num_sms: int | None = None,
 ) -> W4A16Config:
-    """The configuration of a ``[m, k] x [n, k].T`` GEMM (module docstring: small, mid, large M)."""
+    """The configuration of a ``[m, k] x [n, k].T`` GEMM (module docstring: small, mid, large M).
+
+    ``cc`` supplies the SM count when ``num_sms`` (the device's own) is not given.
+    """
     sms = num_sms or _DEFAULT_SMS.get(tuple(cc), 108)
-    block_k = _block_k(group_size)
-    # Hopper/Ada/Ampere pipeline global->shared copies; deeper for the streaming decode tiles.
-    stages = 4 if tuple(cc) >= (8, 0) else 2
-    if m >= LARGE_M:
-        return W4A16Config("dequant", 0, 64, block_k, 1, 4, 1)
+    fp32 = dtype == torch.float32
+    # Fused K step: two dots over its even and odd halves, each >= 16 channels (what tl.dot
+    # needs); fp32 ("ieee") operands take twice the registers of 16-bit ones.
+    block_k = min(_block_k(group_size), 32 if fp32 else 64)
+    fits_int32 = n * k // 2 < 2**31 and m * max(n, k) < 2**31  # the fused kernel's offsets
+    if m >= LARGE_M or block_k < 32 or k % block_k or not fits_int32:
+        return W4A16Config("dequant", 0, 64, _block_k(group_size), 1, 4, 1)
+    block_n = 32 if fp32 else 64
     if m <= SMALL_M:
-        block_n = 32
         split = _split_k(-(-n // block_n), k, block_k, sms)
-        return W4A16Config("fused", 16, block_n, block_k, split, 4, stages)
+        return W4A16Config("fused", 16, block_n, block_k, split, 4, 4)
     block_m = 32 if m <= 32 else 64
-    # fp32 operands ("ieee" dot) double the registers of a tile: keep its N tile at 64.
-    block_n = 64 if m <= 64 or dtype == torch.float32 else 128
-    return W4A16Config("fused", block_m, block_n, block_k, 1, 4, 3)
+    return W4A16Config("fused", block_m, block_n, block_k, 1, 8 if block_m == 64 else 4, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,15 +268,14 @@ def choose_config(
 
 
 @functools.cache
-def _kernels():
-    """Build the kernels on first use (see the module docstring for why they are not
-    module-level): (the fused GEMM, the dequantization kernel)."""
+def _kernel():
+    """Build the fused GEMM on first use (the module docstring says why it is not module-level)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def w4a16_gemm_kernel(
-        x_ptr,  # [M, K] activations (fp16 | bf16 | fp32)
+        x_ptr,  # [M, K] activations (fp16 | bf16 | fp32), row stride stride_xm, unit column stride
         qw_ptr,  # [N, K // 2] uint8, channel 2j in the low nibble of byte j
         scales_ptr,  # [N, G] float group steps
         zeros_ptr,  # [N, G] uint8 zero points (read only when HAS_ZEROS)
@@ -281,10 +283,10 @@ def _kernels():
         y_ptr,  # [M, N] output, x's dtype
         part_ptr,  # [split_k, M, N] fp32 partial sums (only when SPLIT)
         count_ptr,  # [tiles] int32 arrival counters, zero before and after a launch (SPLIT)
-        M, N, K,
+        M, N, K,  # K a multiple of BLOCK_K (the launcher routes other shapes elsewhere)
         k_per_split,  # input channels per split, a multiple of BLOCK_K (K when not SPLIT)
         split_k,  # programs per output tile along K (grid axis 1)
-        stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_ym,
+        stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
         GROUP_SIZE: tl.constexpr,
         HAS_ZEROS: tl.constexpr,
         HAS_PRE_SCALE: tl.constexpr,
@@ -296,62 +298,69 @@ def _kernels():
         BLOCK_K: tl.constexpr,  # divides GROUP_SIZE: a K tile never straddles two groups
         SPLIT: tl.constexpr,  # split_k > 1: partial sums, reduced by the last split to arrive
     ):
+        # The product is computed transposed, y.T tile [BLOCK_N, BLOCK_M] = W tile @ x.T tile: the
+        # weight tile is the MMA's A operand (its rows spread over the warps, as wide as an MMA
+        # wants even when M is 1) and the few rows of x the small B operand. The packed bytes are
+        # never interleaved: the low nibbles (even channels) meet x's even channels in one dot,
+        # the high nibbles the odd ones in a second. Offsets are int32: the launcher checks that
+        # N * K / 2, M * K and M * N fit.
         tile = tl.program_id(0)
         pid_k = tl.program_id(1)
         tiles_n = tl.cdiv(N, BLOCK_N)
         pid_m = tile // tiles_n
         pid_n = tile % tiles_n
-        # int64 rows/cols: M * N of a long prefill through a vocabulary-sized layer passes 2**31.
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_b = tl.arange(0, BLOCK_K // 2)  # byte offsets inside a K tile
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of a K tile: channels 2j and 2j + 1
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_cols = x_ptr + offs_m[None, :] * tl.multiple_of(stride_xm, 16)  # [1, BLOCK_M]
+        q_rows = qw_ptr + offs_n[:, None] * tl.multiple_of(stride_qn, 16)  # [BLOCK_N, 1]
+        dt = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_start = pid_k * k_per_split
         k_stop = tl.minimum(K, k_start + k_per_split)
         for k0 in range(k_start, k_stop, BLOCK_K):
-            k = k0 + offs_k
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                mask=mask_m[:, None] & (k[None, :] < K), other=0.0,
-            )  # [BLOCK_M, BLOCK_K]
-            if HAS_PRE_SCALE:
-                pqs = tl.load(pqs_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * pqs[None, :]).to(x_ptr.dtype.element_ty)
-            b = k0 // 2 + offs_b
-            packed = tl.load(
-                qw_ptr + offs_n[:, None] * stride_qn + b[None, :],
-                mask=mask_n[:, None] & (b[None, :] < K // 2), other=0,
-            )  # [BLOCK_N, BLOCK_K // 2] uint8
-            q = tl.interleave(packed & 0xF, packed >> 4).to(tl.int32)  # [BLOCK_N, BLOCK_K]
+            j = tl.max_contiguous(tl.multiple_of(k0 // 2 + offs_j, BLOCK_K // 2), BLOCK_K // 2)
+            x_even = tl.load(x_cols + 2 * j[:, None], mask=mask_m[None, :], other=0.0)
+            x_odd = tl.load(x_cols + 2 * j[:, None] + 1, mask=mask_m[None, :], other=0.0)
+            if HAS_PRE_SCALE:  # [BLOCK_K // 2, BLOCK_M] each, rounded to x's dtype
+                x_even = (x_even.to(tl.float32) * tl.load(pqs_ptr + 2 * j).to(tl.float32)[:, None]
+                          ).to(dt)
+                x_odd = (x_odd.to(tl.float32) * tl.load(pqs_ptr + 2 * j + 1).to(tl.float32)[:, None]
+                         ).to(dt)
+            packed = tl.load(q_rows + j[None, :], mask=mask_n[:, None], other=0)  # [BN, BK // 2]
             g = k0 // GROUP_SIZE
             if HAS_ZEROS:
                 zero = tl.load(zeros_ptr + offs_n * stride_zn + g, mask=mask_n, other=0)
-                q = q - zero.to(tl.int32)[:, None]
+                zero = zero.to(tl.int32)[:, None]
             else:
-                q = q - 8
-            # Small integers are exact in fp16/bf16: the dot runs on tensor cores and the group
+                zero = 8
+            # Small integers are exact in fp16/bf16: the dots run on tensor cores and the group
             # step is applied once per tile to the fp32 partial sums.
-            if DOT_PRECISION == "ieee":
-                part = tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+            w_even = (packed & 0xF).to(tl.int32) - zero  # [BLOCK_N, BLOCK_K // 2]
+            w_odd = (packed >> 4).to(tl.int32) - zero
+            if DOT_PRECISION == "ieee":  # (the interpreter cannot convert int to bf16 either)
+                part = tl.dot(w_even.to(tl.float32), x_even.to(tl.float32), input_precision="ieee")
+                part = tl.dot(w_odd.to(tl.float32), x_odd.to(tl.float32), part,
+                              input_precision="ieee")
             else:
-                part = tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)))  # [BLOCK_M, BLOCK_N]
+                part = tl.dot(w_even.to(dt), x_even)
+                part = tl.dot(w_odd.to(dt), x_odd, part)  # [BLOCK_N, BLOCK_M]
             step = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0)
-            acc += part * step.to(tl.float32)[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            acc += part * step.to(tl.float32)[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
         if SPLIT:
             # Partial tile -> scratch; the barrier makes every thread's stores precede the
             # release of the arrival, so the last split (acquire) reads them all. It sums the
             # splits in index order: the result does not depend on arrival order.
-            mn = offs_m[:, None] * N + offs_n[None, :]  # int64 [BLOCK_M, BLOCK_N]
-            tl.store(part_ptr + pid_k.to(tl.int64) * M * N + mn, acc, mask=mask)
+            mn = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+            tl.store(part_ptr + pid_k * M * N + mn, acc, mask=mask)
             tl.debug_barrier()
             arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == split_k - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for s in range(0, split_k):
                     # .cg: from L2, never a stale L1 line of an earlier launch's partials.
                     total += tl.load(part_ptr + s * M * N + mn, mask=mask, other=0.0,
@@ -360,6 +369,15 @@ def _kernels():
                 tl.store(count_ptr + tile, 0)  # ready for the next launch
         else:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return w4a16_gemm_kernel
+
+
+@functools.cache
+def _dequant_kernel():
+    """Build the dequantization kernel of the large-M path on first use."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def w4a16_dequant_kernel(
@@ -376,30 +394,32 @@ def _kernels():
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP_SIZE
     ):
-        offs_r = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # dense row
+        offs_r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # dense row
         k0 = tl.program_id(1) * BLOCK_K
-        k = k0 + tl.arange(0, BLOCK_K)
-        b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        n = row0 + offs_r  # weight row
+        j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte j holds channels 2j, 2j + 1
+        n = (row0 + offs_r).to(tl.int64)  # weight row
         mask_r = offs_r < rows
-        packed = tl.load(qw_ptr + n[:, None] * stride_qn + b[None, :],
-                         mask=mask_r[:, None] & (b[None, :] < K // 2), other=0)
-        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        mask = mask_r[:, None] & (j[None, :] < K // 2)
+        packed = tl.load(qw_ptr + n[:, None] * stride_qn + j[None, :], mask=mask, other=0)
         g = k0 // GROUP_SIZE
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + n * stride_zn + g, mask=mask_r, other=0).to(tl.float32)
-            q = q - zero[:, None]
+            zero = zero[:, None]
         else:
-            q = q - 8.0
+            zero = 8.0
         # Int4Weight.dequantize's order of fp32 operations: (q - zero) * scale, then * pqs.
         step = tl.load(scales_ptr + n * stride_sn + g, mask=mask_r, other=0.0).to(tl.float32)
-        w = q * step[:, None]
+        w_even = ((packed & 0xF).to(tl.float32) - zero) * step[:, None]
+        w_odd = ((packed >> 4).to(tl.float32) - zero) * step[:, None]
         if HAS_PRE_SCALE:
-            w = w * tl.load(pqs_ptr + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-        tl.store(w_ptr + offs_r[:, None] * stride_wn + k[None, :], w.to(w_ptr.dtype.element_ty),
-                 mask=mask_r[:, None] & (k[None, :] < K))
+            mask_j = j < K // 2
+            w_even *= tl.load(pqs_ptr + 2 * j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+            w_odd *= tl.load(pqs_ptr + 2 * j + 1, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        out = w_ptr + offs_r.to(tl.int64)[:, None] * stride_wn + 2 * j[None, :]
+        tl.store(out, w_even.to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + 1, w_odd.to(w_ptr.dtype.element_ty), mask=mask)
 
-    return w4a16_gemm_kernel, w4a16_dequant_kernel
+    return w4a16_dequant_kernel
 
 
 @functools.cache
@@ -478,11 +498,12 @@ def _fused(x2: torch.Tensor, w: Int4Weight, y: torch.Tensor, cfg: W4A16Config,
         counters = _arrival_counters(x2.device, stream)
     else:
         partials = counters = y  # dummies, never read
-    _kernels()[0][(tiles, split)](
+    if x2.stride(1) != 1 or x2.stride(0) % 16:  # the kernel's unit column stride, aligned rows
+        x2 = x2.contiguous()
+    _kernel()[(tiles, split)](
         x2, qweight, scales, zeros, pqs, y, partials, counters,
         m, n, k, k_per_split, split,
-        x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zeros.stride(0),
-        y.stride(0),
+        x2.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
         GROUP_SIZE=w.group_size,
         HAS_ZEROS=w.zeros is not None,
         HAS_PRE_SCALE=w.pre_quant_scale is not None,
@@ -509,7 +530,7 @@ def dequantize_rows(w: Int4Weight, row0: int, rows: int, dtype: torch.dtype,
     out = out if out is not None else torch.empty(rows, k, dtype=dtype, device=w.device)
     qweight, scales, zeros, pqs = _operands(w)
     grid = (-(-rows // cfg.block_n), -(-k // cfg.block_k))
-    _kernels()[1][grid](
+    _dequant_kernel()[grid](
         qweight, scales, zeros, pqs, out,
         row0, rows, k,
         qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
@@ -536,3 +557,61 @@ def _dequant_matmul(x2: torch.Tensor, w: Int4Weight, y: torch.Tensor, cfg: W4A16
         r = min(rows, n - row0)
         dense = dequantize_rows(w, row0, r, x2.dtype, out=buf[:r], cfg=cfg)
         torch.mm(x2, dense.t(), out=y[:, row0:row0 + r])
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile check
+
+# Gemma's projection shapes (n, k) from 2B to 27B and the row counts that reach every branch of
+# choose_config: what compile_specs feeds it.
+_GEMMA_SHAPES = ((2048, 2048), (2304, 9216), (4608, 36864), (73728, 4608), (5376, 21504))
+_SPEC_ROWS = (1, 16, 17, 32, 33, 64, 65, 255, 256)
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_specs(cc: tuple[int, int]) -> list:
+    """Every configuration ``w4a16_linear`` can launch on compute capability ``cc``, through
+    ``choose_config``: each x dtype (scales and pre_quant_scale in x's dtype, as the converter
+    stores them), with/without zeros and pre_quant_scale, groups 32/64/128 (they set BLOCK_K)."""
+    from trt_gemma.kernels.compile_spec import KernelSpec
+
+    configs = {
+        (dtype, group, choose_config(m, n, k, group, dtype, cc, sms))
+        for dtype in _TRITON_TYPES for group in (32, 64, 128) for m in _SPEC_ROWS
+        for n, k in _GEMMA_SHAPES for sms in (None, 1 << 12)  # 4096 SMs: never split
+    }
+    specs = {}
+    for dtype, group, cfg in sorted(configs, key=repr):
+        t = _TRITON_TYPES[dtype]
+        for zeros in (False, True):
+            for pre in (False, True):
+                flags = {"GROUP_SIZE": group, "HAS_ZEROS": zeros, "HAS_PRE_SCALE": pre}
+                ptrs = {"qw_ptr": "*u8", "scales_ptr": f"*{t}",
+                        "zeros_ptr": "*u8" if zeros else f"*{t}", "pqs_ptr": f"*{t}"}
+                tag = f"{t},g{group}" + ",zeros" * zeros + ",pqs" * pre
+                if cfg.path == "dequant":
+                    name = f"w4a16_dequant[{tag},N{cfg.block_n}]"
+                    specs[name] = KernelSpec(
+                        name, _dequant_kernel(),
+                        {**ptrs, "w_ptr": f"*{t}", "row0": "i32", "rows": "i32", "K": "i32",
+                         "stride_qn": "i32", "stride_sn": "i32", "stride_zn": "i32",
+                         "stride_wn": "i32"},
+                        {**flags, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k},
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                    continue
+                split = cfg.split_k > 1
+                name = (f"w4a16_gemm[{tag},{cfg.block_m}x{cfg.block_n}"
+                        f"{',splitk' if split else ''},s{cfg.num_stages}]")
+                specs[name] = KernelSpec(
+                    name, _kernel(),
+                    {"x_ptr": f"*{t}", **ptrs, "y_ptr": f"*{t}",
+                     "part_ptr": "*fp32" if split else f"*{t}",
+                     "count_ptr": "*i32" if split else f"*{t}",
+                     "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+                     "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
+                     "stride_zn": "i32", "stride_ym": "i32"},
+                    {**flags, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "fast",
+                     "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                     "SPLIT": split},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    return list(specs.values())

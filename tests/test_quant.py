@@ -39,10 +39,12 @@ def _triton_interpreter(monkeypatch):
     # through Triton). The kernel is built at its first launch, so rebuild it in this mode.
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        gemm_w4a16._kernels.cache_clear()
+        gemm_w4a16._kernel.cache_clear()
+        gemm_w4a16._dequant_kernel.cache_clear()
     yield
     if not CUDA:
-        gemm_w4a16._kernels.cache_clear()
+        gemm_w4a16._kernel.cache_clear()
+        gemm_w4a16._dequant_kernel.cache_clear()
 
 
 def _gen(seed: int = 0) -> torch.Generator:
