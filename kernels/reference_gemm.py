@@ -29,10 +29,12 @@ def fp8_linear_ref(x: torch.Tensor, w: Fp8Weight, *, quantize_input: bool = True
     """``y = x @ (weight * weight_scale).T``; x ``[..., in]`` -> ``[..., out]``.
 
     ``quantize_input=True`` is the FP8 x FP8 path: x first goes through e4m3 at ``w.input_scale``
-    (static) or ``amax(|x|) / 448`` (dynamic). False is the W8A16 fallback (x kept as is).
+    (static, one scale for the tensor) or, dynamic, at each token's own ``amax(|x[t, :]|) / 448``
+    (per-token scales since the row-wise ``_scaled_mm`` path; earlier versions used one amax for
+    the whole tensor). False is the W8A16 fallback (x kept as is).
     """
     xf = x.float()
     if quantize_input:
-        scale = activation_scale(xf, w.input_scale)
+        scale = activation_scale(xf, w.input_scale)  # [] static or [..., 1] per token
         xf = cast_to_fp8(xf, scale).float() * scale
     return (xf @ w.dequantize(torch.float32).T).to(x.dtype)
