@@ -122,3 +122,24 @@ def test_engine_built_with_fp8_kv_generates_with_it(tiny_gemma3_dir, tmp_path, c
     code = cli.main(["generate", str(out), "ab", "--kv-cache-dtype", "int8", "--dtype", "float32"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "kv_cache_dtype" in err[0] and "'int8'" in err[0]
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((8, 0), torch.bfloat16),
+                                                      ((8, 6), torch.bfloat16),
+                                                      ((8, 9), FP8_DTYPE), ((9, 0), FP8_DTYPE)])
+def test_fp8_cache_only_on_gpus_with_fp8(monkeypatch, caplog, capability, expected):
+    """Ampere gets one warning and a bf16 cache (Triton cannot compile e4m3 there), never an
+    error at the first forward; Ada and Hopper get the FP8 cache."""
+    from types import SimpleNamespace
+
+    from trt_gemma.runtime.engine import choose_kv_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    model = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                            embed=torch.zeros(1, dtype=torch.bfloat16), kv_scales=[(1.0, 1.0)])
+    for asked in ("auto", "fp8"):
+        caplog.clear()
+        assert choose_kv_dtype(model, asked) == expected
+        warned = [r for r in caplog.records if "FP8 KV cache" in r.getMessage()]
+        assert len(warned) == (expected != FP8_DTYPE)
+    assert choose_kv_dtype(model, "model") == torch.bfloat16

@@ -11,9 +11,10 @@ import torch
 from trt_gemma import ops
 from trt_gemma.config import GemmaConfig
 from trt_gemma.errors import RequestError
+from trt_gemma.model import AttentionBackend
 
 
-class ContiguousKVCache:
+class ContiguousKVCache(AttentionBackend):
     """Call ``forward(model, ids)`` repeatedly; each call appends its tokens to the sequence."""
 
     def __init__(self, config: GemmaConfig, max_len: int, dtype: torch.dtype,

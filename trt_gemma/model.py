@@ -16,15 +16,23 @@ Weights are plain tensors or quantized weight objects (see kernels/gemm_*.py), a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from trt_gemma import ops, packed_linear
 from trt_gemma.config import GemmaConfig
+from trt_gemma.kernels import reference
 
 
-class AttentionBackend(Protocol):
+class AttentionBackend:
+    """Where keys/values go and how queries attend to them: the model calls ``attend_projected``.
+
+    A simple backend implements ``attend`` (q and k already normed and roped); the default
+    ``attend_projected`` norms and ropes them first. The runtime's paged backend overrides
+    ``attend_projected`` to do q/k norm, rope and its KV-cache write in one fused op.
+    """
+
     def attend(
         self,
         layer: int,
@@ -37,7 +45,25 @@ class AttentionBackend(Protocol):
         softcap: float | None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Store k/v for the batch's new tokens, then attend each query to its sequence's keys."""
-        ...
+        raise NotImplementedError
+
+    def attend_projected(
+        self,
+        layer: int,
+        qk: torch.Tensor,  # [num_tokens, num_heads + num_kv_heads, head_dim], before norm/rope
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        *,
+        num_q_heads: int,
+        rope: ops.RotaryPositions,
+        qk_norm: torch.Tensor | None,  # [num_heads + num_kv_heads, head_dim] fp32 (1 + w)
+        eps: float,
+        scale: float,
+        sliding_window: int | None,
+        softcap: float | None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        qk = ops.qk_norm_rope_kv_write(qk, v, rope, qk_norm, eps, num_q_heads)
+        return self.attend(layer, qk[:, :num_q_heads], qk[:, num_q_heads:], v, scale=scale,
+                           sliding_window=sliding_window, softcap=softcap)
 
 
 @dataclass
@@ -92,33 +118,37 @@ class NormScales:
 
 
 def decoder_layer(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, x: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor,
-                  attention: AttentionBackend) -> torch.Tensor:
+                  rope: ops.RotaryPositions, attention: AttentionBackend) -> torch.Tensor:
     """One decoder layer on packed tokens ``x`` [num_tokens, hidden] (rope of layer ``i``).
 
     A plain function of tensors, not under ``inference_mode``: the quantizer's block-wise scale
     refinement (``quant/refine.py``) differentiates through it, so the math it fits is exactly the
-    math the runtime runs.
+    math the runtime runs (``GemmaModel.forward`` runs the same ``_layer``, carrying the next
+    layer's input norm along instead of starting from ``x``).
     """
+    residual, _ = _layer(cfg, i, w, ns, x, ops.rms_norm(x, ns.input, cfg.rms_norm_eps), rope,
+                         attention, next_norm=None, in_place=False)
+    return residual
+
+
+def _layer(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, residual: torch.Tensor,
+           h: torch.Tensor, rope: ops.RotaryPositions, attention: AttentionBackend,
+           next_norm: torch.Tensor | None,
+           in_place: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer ``i`` from its residual stream and that stream's input-normed copy ``h``; returns the
+    new residual stream and its norm by ``next_norm`` (the next layer's input norm, or the final
+    norm), so each residual add and the norm after it are one fused op."""
     eps = cfg.rms_norm_eps
-    residual = x
-    h = ops.rms_norm(x, ns.input, eps)
-    h = _self_attention(cfg, i, w, ns, h, cos, sin, attention)
-    if ns.post_attn is not None:
-        h = ops.rms_norm(h, ns.post_attn, eps)
-    x = residual + h
-    residual = x
-    h = ops.rms_norm(x, ns.pre_ff, eps)
+    h = _self_attention(cfg, i, w, ns, h, rope, attention)
+    residual, h = ops.add_rms_norm(h, residual, ns.pre_ff, eps, pre_scale=ns.post_attn,
+                                   in_place=in_place)
     gate, up = _split_linear(h, w.gate_up, [cfg.intermediate_size] * 2)
     h = ops.linear(ops.gelu_tanh_and_mul(gate, up), w.down)
-    if ns.post_ff is not None:
-        h = ops.rms_norm(h, ns.post_ff, eps)
-    return residual + h
+    return ops.add_rms_norm(h, residual, next_norm, eps, pre_scale=ns.post_ff, in_place=in_place)
 
 
 def _self_attention(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, h: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor,
-                    attention: AttentionBackend) -> torch.Tensor:
+                    rope: ops.RotaryPositions, attention: AttentionBackend) -> torch.Tensor:
     n, hd = h.shape[0], cfg.head_dim
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     if isinstance(w.qkv, tuple):
@@ -128,12 +158,9 @@ def _self_attention(cfg: GemmaConfig, i: int, w: LayerWeights, ns: NormScales, h
         qkv = ops.linear(h, w.qkv)
         qk = qkv[:, :cfg.q_size + cfg.kv_size].view(n, heads + kv_heads, hd)
         v = qkv[:, cfg.q_size + cfg.kv_size:]
-    v = v.view(n, kv_heads, hd)
-    if ns.qk is not None:
-        qk = ops.rms_norm(qk, ns.qk, cfg.rms_norm_eps)
-    qk = ops.apply_rope(qk, cos, sin)
-    o = attention.attend(
-        i, qk[:, :heads], qk[:, heads:], v,
+    o = attention.attend_projected(
+        i, qk, v.view(n, kv_heads, hd),
+        num_q_heads=heads, rope=rope, qk_norm=ns.qk, eps=cfg.rms_norm_eps,
         scale=cfg.attention_scale,
         sliding_window=cfg.layer_window(i),
         softcap=cfg.attn_logit_softcapping,
@@ -165,6 +192,11 @@ class GemmaModel:
         self.device = embed.device
         # sqrt(hidden) rounded to the activation dtype first, as the reference implementations do.
         self.normalizer = torch.tensor(config.hidden_size**0.5, dtype=self.dtype)
+        # Rope inverse frequencies per (base, scaling), made once: every step's cos/sin follow
+        # from them and the positions (inside the fused q/k kernel on the Triton path).
+        self.inv_freq = {key: reference.rope_inv_freq(config.head_dim, *key, self.device)
+                         for key in {config.layer_rope(i)
+                                     for i in range(config.num_hidden_layers)}}
 
     @classmethod
     def from_state_dict(cls, config: GemmaConfig, weights: dict[str, Any],
@@ -222,14 +254,17 @@ class GemmaModel:
     ) -> torch.Tensor:  # [num_tokens, hidden] final-normed hidden states
         cfg = self.config
         x = self.embed[input_ids] * self.normalizer
-        rope = {}  # (base, scaling) -> (cos, sin): computed once per forward, shared by layers
-        eps = cfg.rms_norm_eps
+        ropes = {key: ops.RotaryPositions(positions, inv_freq, x.dtype)
+                 for key, inv_freq in self.inv_freq.items()}
+        # The residual stream x and its normed copy h travel together: each layer ends with one
+        # fused add + norm by the next layer's input norm (the last one by the final norm).
+        h = ops.rms_norm(x, self.norm_scales[0].input, cfg.rms_norm_eps)
+        last = len(self.layers) - 1
         for i, (w, ns) in enumerate(zip(self.layers, self.norm_scales, strict=True)):
-            key = cfg.layer_rope(i)
-            if key not in rope:
-                rope[key] = ops.rope_cos_sin(positions, cfg.head_dim, *key, dtype=x.dtype)
-            x = decoder_layer(cfg, i, w, ns, x, *rope[key], attention)
-        return ops.rms_norm(x, self.final_norm_scale, eps)
+            next_norm = self.final_norm_scale if i == last else self.norm_scales[i + 1].input
+            x, h = _layer(cfg, i, w, ns, x, h, ropes[cfg.layer_rope(i)], attention, next_norm,
+                          in_place=True)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from trt_gemma import ops
 from trt_gemma.config import GemmaConfig
+from trt_gemma.kernels import reference
 from trt_gemma.kernels.gemm_w4a16 import SYMMETRIC_ZERO, Int4Weight, unpack_int4
-from trt_gemma.model import LayerWeights, NormScales, decoder_layer
+from trt_gemma.model import AttentionBackend, LayerWeights, NormScales, decoder_layer
 
 # Canonical names of a decoder layer's linears, and which of them share their input.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,7 +61,7 @@ class RefineResult:
     loss_after: float
 
 
-class WindowAttention:
+class WindowAttention(AttentionBackend):
     """Differentiable attention backend for ``[windows * length]`` packed tokens: each window is
     its own sequence starting at position 0, causal (and windowed where the layer is)."""
 
@@ -115,9 +116,9 @@ def run_layer(config: GemmaConfig, layer: int, w: LayerWeights, ns: NormScales,
     """``model.decoder_layer`` on equal-length windows, each starting at position 0."""
     b, t, hidden = x.shape
     positions = torch.arange(t, device=x.device).repeat(b)
-    cos, sin = ops.rope_cos_sin(positions, config.head_dim, *config.layer_rope(layer),
-                                dtype=x.dtype)
-    out = decoder_layer(config, layer, w, ns, x.reshape(b * t, hidden), cos, sin,
+    inv_freq = reference.rope_inv_freq(config.head_dim, *config.layer_rope(layer), x.device)
+    rope = ops.RotaryPositions(positions, inv_freq, x.dtype)
+    out = decoder_layer(config, layer, w, ns, x.reshape(b * t, hidden), rope,
                         WindowAttention(b, t))
     return out.view(b, t, hidden)
 

@@ -7,10 +7,12 @@ stop checks, free finished sequences). Not thread-safe: one thread drives it (se
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from trt_gemma import ops
 from trt_gemma.errors import ConfigError, RequestError
 from trt_gemma.kernels.reference import FP8_DTYPE
 from trt_gemma.model import GemmaModel
@@ -25,6 +27,9 @@ from trt_gemma.runtime.sampler import Sampler, SamplerOutput, TokenLogprobs
 from trt_gemma.runtime.scheduler import Scheduler
 from trt_gemma.runtime.sequence import Request, Sequence, SequenceStatus
 from trt_gemma.sampling_params import SamplingParams
+
+_log = logging.getLogger(__name__)
+FP8_MIN_CC = (8, 9)  # e4m3 conversions in Triton and FP8 tensor cores: Ada, Hopper
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,35 @@ class EngineStats:
     num_kv_blocks: tuple[int, ...]  # blocks per KV group (full attention first)
 
 
+def choose_kv_dtype(model: GemmaModel, kv_cache_dtype: str) -> torch.dtype:
+    """The KV cache's dtype for ``EngineConfig.kv_cache_dtype`` on the model's device.
+
+    CPU keeps K/V in fp32 whatever the model's dtype: the reference attention math is fp32 there,
+    and bf16 values are exact in fp32, so reads skip a conversion per layer and step. The Triton
+    path (CUDA, or interpreted on CPU) stores the model's dtype, as GPUs do. FP8 needs the
+    engine's per-layer scales, and on CUDA compute capability 8.9+ (Triton cannot compile e4m3
+    conversions for Ampere): elsewhere one warning and the model's dtype, never a compile error.
+    """
+    dev = model.device
+    cpu = dev.type == "cpu"
+    kv_dtype = torch.float32 if cpu and not ops.use_triton(model.embed) else model.dtype
+    fp8 = kv_cache_dtype == "fp8" or (
+        kv_cache_dtype == "auto" and not cpu and model.kv_scales is not None)
+    if not fp8:
+        return kv_dtype
+    if model.kv_scales is None:
+        raise ConfigError("EngineConfig.kv_cache_dtype 'fp8' needs per-layer KV scales: "
+                          "build the engine with --kv-cache-dtype fp8")
+    if dev.type == "cuda":
+        cc = torch.cuda.get_device_capability(dev)
+        if cc < FP8_MIN_CC:
+            _log.warning("FP8 KV cache: this GPU (compute capability %d.%d) has no FP8 "
+                         "conversions (needs 8.9+); using a %s KV cache", *cc,
+                         str(kv_dtype).removeprefix("torch."))
+            return kv_dtype
+    return FP8_DTYPE
+
+
 class LLMEngine:
     def __init__(self, model: GemmaModel, tokenizer=None, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
@@ -53,17 +87,7 @@ class LLMEngine:
         if max_len > mc.max_position_embeddings:
             raise ConfigError(f"EngineConfig.max_model_len {max_len} exceeds the model's "
                               f"context of {mc.max_position_embeddings} tokens")
-        # CPU keeps K/V in fp32 whatever the model's dtype: the attention math is fp32 there, and
-        # bf16 values are exact in fp32, so reads skip a conversion per layer and step.
-        cpu = model.device.type == "cpu"
-        kv_dtype = torch.float32 if cpu else model.dtype
-        fp8 = config.kv_cache_dtype == "fp8" or (
-            config.kv_cache_dtype == "auto" and not cpu and model.kv_scales is not None)
-        if fp8:
-            if model.kv_scales is None:
-                raise ConfigError("EngineConfig.kv_cache_dtype 'fp8' needs per-layer KV scales: "
-                                  "build the engine with --kv-cache-dtype fp8")
-            kv_dtype = FP8_DTYPE
+        kv_dtype = choose_kv_dtype(model, config.kv_cache_dtype)
         per_layer = 2 * config.block_size * mc.kv_size * kv_dtype.itemsize
         groups = plan_groups(
             mc, per_layer, kv_cache_budget(model, config), config.block_size,
@@ -78,6 +102,7 @@ class LLMEngine:
                                   config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows or 0
         auto = config.greedy_head_max_rows is None  # CPU and a big vocabulary: where it wins
+        cpu = model.device.type == "cpu"
         wanted = cpu and mc.vocab_size >= 32768 if auto else self.greedy_head_max_rows > 0
         if wanted and greedy_head.available(model.lm_head):
             self.greedy_head = greedy_head.greedy_head_for(model, tokenizer)

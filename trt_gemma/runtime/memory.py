@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from trt_gemma import ops
+from trt_gemma.model import AttentionBackend
 from trt_gemma.runtime.config import GiB, EngineConfig
 
 DEFAULT_CPU_KV_BYTES = 3 * GiB // 2  # Gemma 3 270M: a full 32k context fits, with room
 
 
-class _NoCache:
+class _NoCache(AttentionBackend):
     """Attention backend for profiling: one sequence attending to its own keys, nothing stored."""
 
     def attend(self, layer, q, k, v, *, scale, sliding_window, softcap):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from trt_gemma import ops
+from trt_gemma.model import AttentionBackend
 from trt_gemma.kernels.reference import FP8_DTYPE
 
 
@@ -75,6 +76,7 @@ class KVCache:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.layer_slot: dict[int, tuple[int, int]] = {}  # model layer -> (group, index)
+        self._workspace, self._workspace_batch = None, 0  # see decode_workspace
         for g, group in enumerate(groups):
             shape = (len(group.layers), group.num_blocks, block_size, num_kv_heads, head_dim)
             # zeros, not empty: kernels multiply masked probabilities by cache contents
@@ -82,6 +84,19 @@ class KVCache:
             self.v.append(torch.zeros(shape, dtype=dtype, device=device))
             for i, layer in enumerate(group.layers):
                 self.layer_slot[layer] = (g, i)
+
+    def decode_workspace(self, batch: int, num_heads: int) -> torch.Tensor:
+        """Scratch for the Triton decode's split outputs, shared by every layer (launches run in
+        stream order). Made for the largest batch seen so far, so it is allocated once in
+        practice: CUDA-graph capture runs the largest size first, outside the capture."""
+        if self._workspace_batch < batch:
+            from trt_gemma.kernels.attention import decode_workspace
+
+            k = self.k[0]
+            self._workspace = decode_workspace(batch, num_heads, k.shape[-2], k.shape[-1],
+                                               k.device)
+            self._workspace_batch = batch
+        return self._workspace
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         """Copy-on-write: block src -> dst in every layer of its group."""
@@ -93,27 +108,35 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class PagedAttention:
+class PagedAttention(AttentionBackend):
     """``model.AttentionBackend`` over a ``KVCache`` for one step's ``AttentionMetadata``."""
 
     def __init__(self, cache: KVCache, meta: AttentionMetadata):
         self.cache = cache
         self.meta = meta
 
-    def attend(self, layer, q, k, v, *, scale, sliding_window, softcap):
+    def attend_projected(self, layer, qk, v, *, num_q_heads, rope, qk_norm, eps, scale,
+                         sliding_window, softcap):
         g, i = self.cache.layer_slot[layer]
         k_cache, v_cache = self.cache.k[g][i], self.cache.v[g][i]
         meta, gm = self.meta, self.meta.groups[g]
         fp8 = self.cache.scales is not None
         kv_scales = self.cache.scales[layer] if fp8 else {}
         fast = gm.decode_key_slots is not None and not fp8
-        if fast:
+        if fast:  # CPU: the references' norm and rope, then one index_copy_ per cache
+            qk = ops.qk_norm_rope_kv_write(qk, v, rope, qk_norm, eps, num_q_heads)
             flat = (-1, *k_cache.shape[2:])
-            k_cache.view(flat).index_copy_(0, gm.slot_mapping, k.to(k_cache.dtype))
+            k_cache.view(flat).index_copy_(0, gm.slot_mapping,
+                                           qk[:, num_q_heads:].to(k_cache.dtype))
             v_cache.view(flat).index_copy_(0, gm.slot_mapping, v.to(v_cache.dtype))
-        else:
-            ops.write_kv_cache(k, v, k_cache, v_cache, gm.slot_mapping, **kv_scales)
-        d = meta.num_decodes
+        else:  # one fused launch on the Triton path: norm, rope, KV write
+            qk = ops.qk_norm_rope_kv_write(qk, v, rope, qk_norm, eps, num_q_heads, k_cache,
+                                           v_cache, gm.slot_mapping, **kv_scales)
+        q, k = qk[:, :num_q_heads], qk[:, num_q_heads:]
+        d, n = meta.num_decodes, q.shape[0]
+        triton = ops.use_triton(q)
+        # Triton, decodes and prefills in one step: both write into one output, no concatenation
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if triton and 0 < d < n else None
         parts = []
         if d and fast:
             parts.append(_decode_cpu(q[:d], k_cache, v_cache, gm.decode_key_slots,
@@ -121,9 +144,12 @@ class PagedAttention:
         elif d:
             parts.append(ops.paged_decode_attention(
                 q[:d], k_cache, v_cache, gm.block_tables, gm.context_lens,
-                scale=scale, sliding_window=sliding_window, softcap=softcap, **kv_scales,
+                scale=scale, sliding_window=sliding_window, softcap=softcap,
+                out=None if out is None else out[:d],
+                workspace=self.cache.decode_workspace(d, q.shape[1]) if triton else None,
+                **kv_scales,
             ))
-        if q.shape[0] > d:
+        if n > d:
             if gm.prefill_key_slots is None:  # never with FP8: prefills read the rounded cache
                 keys, values, cu_k = k[d:], v[d:], meta.cu_seqlens_q
             else:
@@ -134,8 +160,11 @@ class PagedAttention:
             parts.append(ops.prefill_attention(
                 q[d:], keys, values, meta.cu_seqlens_q, cu_k,
                 scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap,
+                out=None if out is None else out[d:],
                 **(kv_scales if gm.prefill_key_slots is not None else {}),
             ))
+        if out is not None:
+            return out
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
