@@ -223,22 +223,26 @@ def _cc(x: torch.Tensor) -> tuple[int, int]:
     return _device_capability(x.device.index if x.device.index is not None else 0)
 
 
+def fp8_path(cc: tuple[int, int] | None, x_dtype: torch.dtype, w: Fp8Weight) -> str:
+    """Which path ``fp8_linear`` takes for x of ``x_dtype`` on a GPU of compute capability ``cc``
+    (None: not CUDA): "rowwise", "unit-scales" (both ``_scaled_mm``) or "w8a16"."""
+    if (
+        cc is None
+        or tuple(cc) < (8, 9)
+        or x_dtype not in (torch.float16, torch.bfloat16)
+        or w.in_features % 16
+        or w.out_features % 16
+        or not hasattr(torch, "_scaled_mm")
+    ):
+        return "w8a16"
+    if x_dtype == torch.bfloat16 and w.per_channel and tuple(cc) in ROWWISE_CCS:
+        return "rowwise"
+    return "unit-scales"
+
+
 def uses_scaled_mm(x: torch.Tensor, w: Fp8Weight) -> bool:
     """Whether ``fp8_linear(x, w)`` runs FP8 x FP8 (``torch._scaled_mm``) rather than W8A16."""
-    return (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and w.in_features % 16 == 0
-        and w.out_features % 16 == 0
-        and hasattr(torch, "_scaled_mm")
-        and _cc(x) >= (8, 9)
-    )
-
-
-def uses_rowwise(x: torch.Tensor, w: Fp8Weight) -> bool:
-    """Whether the FP8 x FP8 path puts both scales in ``_scaled_mm``'s epilogue (bf16 out)."""
-    return (uses_scaled_mm(x, w) and x.dtype == torch.bfloat16 and w.per_channel
-            and _cc(x) in ROWWISE_CCS)
+    return x.is_cuda and fp8_path(_cc(x), x.dtype, w) != "w8a16"
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
@@ -253,10 +257,11 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
         )
     if x.device != w.device:
         raise ValueError(f"fp8_linear: x is on {x.device} but w is on {w.device}")
-    if not uses_scaled_mm(x, w):
+    path = fp8_path(_cc(x), x.dtype, w) if x.is_cuda else "w8a16"
+    if path == "w8a16":
         return F.linear(x, w.dequantize(x.dtype))
     lead = x.shape[:-1]
-    y = scaled_mm_linear(x.reshape(-1, w.in_features), w, rowwise=uses_rowwise(x, w))
+    y = scaled_mm_linear(x.reshape(-1, w.in_features), w, rowwise=path == "rowwise")
     return y.reshape(*lead, w.out_features)
 
 
