@@ -128,8 +128,8 @@ class AsyncLLMEngine:
     def _loop(self) -> None:
         try:
             device = self.engine.model.device
-            if device.type == "cuda":  # a new thread starts on device 0, the model may not
-                torch.cuda.set_device(device)
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # a new thread starts on device 0, the model may not
             while not self._stopping:
                 self._wake.clear()
                 self._drain()
