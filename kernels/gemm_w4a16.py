@@ -26,30 +26,34 @@ for tests). On CPU the runtime dequantizes once at load (``Int4Weight.dequantize
 dense matmul. ``kernels/reference_gemm.py`` holds ``w4a16_linear_ref``, the definition of correct.
 
 Launch configurations: ``choose_config(m, n, k, group_size, dtype, cc, num_sms)`` is what the
-launcher calls (``compile_specs`` enumerates its outcomes). ``block_k`` is always the largest
-power of two <= 128 dividing the group (one scale per row per K step, applied to the fp32 partial
-sums: the 4-bit codes enter the tensor cores exactly).
+launcher calls (``compile_specs`` enumerates its outcomes). The fused kernel computes the product
+transposed, ``y.T = W @ x.T``: W's tile is the MMA's wide A operand and the few rows of x its
+small B operand, so a 1-row decode does not waste a 16-row MMA dimension on W. Its K step
+``block_k`` divides the group (one scale per row per step, applied to the fp32 partial sums: the
+4-bit codes enter the tensor cores exactly) and is <= 64 (<= 32 for fp32 x, whose "ieee" dots
+take twice the registers); the low and high nibbles of a byte meet x's even and odd channels in
+two dots, so the packed bytes are never interleaved in registers.
 
-- small M (``m <= 16``, decode): one 16-row tile of x against narrow 32-column tiles of W, 4
-  pipeline stages. Gemma's decode shapes leave ``n / 32`` tiles short of the ~4 programs per SM
-  that hide memory latency when n is small and k large (gemma-2-2b's down projection: 72 tiles,
-  k 9216), so K is split in ``split_k`` parts (power of two <= 16, each >= 512 channels, whole K
-  tiles) until ``tiles * split_k`` reaches 4 per SM. Split programs store fp32 partial tiles in a
-  scratch buffer (``torch.empty``: no launch) and count their arrival on a per-tile int32 counter;
-  the last to arrive sums the partials in split order (deterministic, unlike atomic adds), writes
-  y in x's dtype and resets its counter. So a decode GEMM is ONE launch, split or not; the
-  counters are zeroed once per device and stream when first needed (warm up before capturing a
-  CUDA graph).
-- mid M (``16 < m < 256``): the same fused kernel, 32/64-row by 64/128-column tiles, no split:
-  still bound by reading the 4-bit weight, which this path reads once.
-- large M (``m >= 256``, prefill): a Triton kernel dequantizes W (``Int4Weight.dequantize``'s fp32
-  math, ``pre_quant_scale`` folded into W) into a dense buffer of x's dtype, at most 64 MiB of rows
-  at a time, and cuBLAS (``torch.mm``) multiplies each chunk straight into its columns of y: 2
-  launches per chunk (one chunk up to 64 MiB of dense weight: every Gemma projection of the 2B/9B
-  models, most of 27B's). Here the GEMM is compute-bound and cuBLAS's dense bf16 GEMM outruns a
-  mixed-input Triton GEMM; the dequantization's extra ~4.5 bytes per weight cost less than the
-  GEMM from roughly m = 256 on an H100 (989 TFLOP/s over 3.35 TB/s; a paper estimate, to be
-  re-measured on the GPU).
+- small M (``m <= 16``, decode): a 16-row tile of x against 64-column tiles of W (32 for fp32).
+  Gemma's decode shapes often leave ``n / 64`` tiles short of the ~4 programs per SM that hide
+  memory latency (gemma-2-2b's down projection: 36 tiles, k 9216), so K is split in ``split_k``
+  parts (power of two <= 16, each >= 512 channels, whole K steps) until ``tiles * split_k``
+  reaches 4 per SM. Split programs store fp32 partial tiles in a scratch buffer (``torch.empty``:
+  no launch) and count their arrival on a per-tile int32 counter; the last to arrive sums the
+  partials in split order (deterministic, unlike atomic adds), writes y in x's dtype and resets
+  its counter. So a decode GEMM is ONE launch, split or not; the counters are zeroed once per
+  device and stream when first needed (warm up before capturing a CUDA graph).
+- mid M (``16 < m < 256``): the same fused kernel, 32- or 64-row tiles of x (64: 8 warps), no
+  split: still bound by reading the 4-bit weight, which this path reads once.
+- large M (``m >= 256``, prefill), and shapes the fused kernel does not take (k not a multiple
+  of its K step, a group not a multiple of 32, offsets past int32): a Triton kernel dequantizes W
+  (``Int4Weight.dequantize``'s fp32 math, ``pre_quant_scale`` folded into W) into a dense buffer
+  of x's dtype, at most 64 MiB of it at a time, and cuBLAS (``torch.mm``) multiplies each chunk
+  straight into its columns of y: ``2 * ceil(n * k * 2 B / 64 MiB)`` launches in bf16 (2 for a
+  gemma-2-2b projection, 4 for gemma-2-9b's 14336 x 3584). Here the GEMM is compute-bound and
+  cuBLAS's dense GEMM outruns a mixed-input Triton GEMM; the dequantization's extra ~4.5 bytes
+  per weight cost less than the GEMM from roughly m = 256 on an H100 (989 TFLOP/s over
+  3.35 TB/s; a paper estimate, to be re-measured on the GPU).
 
 Importing this module never imports Triton: the kernels are built on first launch, so CPU-only
 installs work and ``TRITON_INTERPRET`` is honoured whenever it is set before that launch.
