@@ -131,12 +131,15 @@ def prefill_config(head_dim: int, dtype: torch.dtype, cc: tuple[int, int] | None
     ``aligned``: rows start on 16-element boundaries (ROW_ALIGN 16); unaligned strides load
     element by element, and get tiles small enough not to spill.
 
-    Checked by compiling ahead of time (no register spills; shared memory within the
-    architecture's per-block limit: sm80 166912 B, sm89 101376 B, sm90 232448 B); see
-    docs/kernels.md for the figures. Untuned for speed beyond that."""
+    Checked by compiling ahead of time with window and softcap on (``compile_specs``,
+    kernels/aot.py): no register spills, shared memory within the per-block limit (sm80
+    166912 B, sm89 101376 B, sm90 232448 B), and num_stages 2 so K/V loads are pipelined.
+    Not yet tuned for speed on a GPU."""
     if cc is None:
         return 16, 16, 4, 1
-    if dtype == torch.float32 or not aligned:  # tests only: fp32 (ieee dots), odd strides
+    if not aligned:  # element-wise addresses: a [16, head_dim] q tile is all that fits
+        return 16, 16, 4, 1
+    if dtype == torch.float32:  # tests only: fp32 tiles, ieee dots
         return 32, 16, 4, 1
     if head_dim <= 64:
         return 64, 64, 4, 2
@@ -151,14 +154,16 @@ def decode_config(head_dim: int, dtype: torch.dtype, cc: tuple[int, int] | None,
     """(block_n, num_warps, num_stages) of the decode split kernel, as ``prefill_config``: 64 key
     rows per step (32 KB of bf16 K/V at head_dim 128, 64 KB at 256 over 8 warps). The K/V loads
     go through the block table, which Triton does not multi-buffer (shared memory does not grow
-    with num_stages), so stages stay 2. Same on every arch; ``cc`` and ``kv_fp8`` are there for
-    when measurements say otherwise."""
-    del kv_fp8
+    with num_stages), so stages stay 2. FP8 K/V at head_dim 256 keeps 32 rows on 4 warps (64 on
+    8 spill on sm89: the e4m3 -> bf16 conversion needs registers). Same on every arch for now;
+    ``cc`` is there for when measurements say otherwise."""
     if cc is None:
         return 16, 4, 1
     if dtype == torch.float32 or not aligned:
         return 16, 4, 2
-    return (64, 4, 2) if head_dim <= 128 else (64, 8, 2)
+    if head_dim <= 128:
+        return 64, 4, 2
+    return (32, 4, 2) if kv_fp8 else (64, 8, 2)
 
 
 _MAX_SPLITS = 64
@@ -413,8 +418,15 @@ def write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=_pad(num_kv_heads, 2), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=_pad(head_dim, 1), IS_FP8=is_fp8, num_warps=4,
+        HEAD_DIM_PAD=_pad(head_dim, 1), IS_FP8=is_fp8,
+        num_warps=_write_kv_warps(num_kv_heads, head_dim),
     )  # fmt: skip
+
+
+def _write_kv_warps(num_kv_heads: int, head_dim: int) -> int:
+    # One token's [heads, head_dim] K and V in registers: 8 warps past 2048 elements (16 kv
+    # heads at head_dim 256 spill on 4).
+    return 8 if _pad(num_kv_heads, 2) * _pad(head_dim, 1) > 2048 else 4
 
 
 # --------------------------------------------------------------------------- ahead-of-time specs
@@ -470,7 +482,8 @@ def compile_specs(cc: tuple[int, int]) -> list[KernelSpec]:
             meta = dict(NUM_KV_HEADS=heads, HEADS_PAD=_pad(heads, 2), HEAD_DIM=hd,
                         HEAD_DIM_PAD=_pad(hd, 1), IS_FP8=is_fp8)  # fmt: skip
             name = _spec_name("write_kv", dtype, hd, f"kvh{heads}", "fp8kv" if is_fp8 else "")
-            specs.append(KernelSpec(name, _write_kv_kernel, args, meta, 4))
+            specs.append(KernelSpec(name, _write_kv_kernel, args, meta,
+                                    _write_kv_warps(heads, hd)))
     return specs
 
 

@@ -354,8 +354,8 @@ def test_decode_short_contexts_on_wide_table_use_their_splits(window):
     # 40-token contexts on a 4096-block (64k-token) table: the split ranges come from each
     # sequence's visible keys, so a context spreads over cdiv(visible, 16) splits (16 = the
     # interpreter's BLOCK_N and least keys per split), not into split 0 of 4096 * 16 / splits.
-    d, heads, splits, bs = 64, (4, 2), 16, 16
-    lens = [40, 1, 0, 100, 57]
+    d, heads, splits, bs = 64, (4, 1), 16, 16
+    lens = [40, 1, 0, 100]
     ks = [_randn(n, heads[1], d) for n in lens]
     vs = [_randn(n, heads[1], d) for n in lens]
     k_cache, v_cache, tables, ctx = _paged(ks, vs, bs, torch.float32)
@@ -494,6 +494,26 @@ def test_decode_block_ids_past_int32_offsets_interpreted():
         _close(out, expected, TOL[torch.bfloat16])
         _close(out.double(), _naive(q.float(), k, v, scale=d**-0.5), 0.1)
 
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 9), (9, 0)])
+def test_compile_specs_name_every_argument_and_follow_the_configs(cc):
+    specs = attn.compile_specs(cc)
+    assert len({s.name for s in specs}) == len(specs)
+    for s in specs:
+        assert set(s.args) | set(s.constexprs) == set(s.fn.arg_names), s.name
+        assert ("fp8" in s.name) == any("fp8" in t for t in s.args.values()), s.name
+        assert cc >= (8, 9) or "fp8" not in s.name
+    by_name = {s.name: s for s in specs}
+    for hd in (128, 256):
+        p = by_name[f"prefill[bf16,hd{hd},window,softcap]"]
+        bm, bn, warps, stages = attn.prefill_config(hd, torch.bfloat16, cc)
+        assert (p.constexprs["BLOCK_M"], p.constexprs["BLOCK_N"]) == (bm, bn)
+        assert (p.num_warps, p.num_stages) == (warps, stages) and stages >= 2
+        d = by_name[f"decode_split[bf16,hd{hd}]"]
+        assert (d.constexprs["BLOCK_N"], d.num_warps, d.num_stages) == attn.decode_config(
+            hd, torch.bfloat16, cc)
+        assert d.constexprs["ONE_SPLIT"] is False and d.constexprs["ROW_ALIGN"] == 16
 
 # --------------------------------------------------------------------------- larger / GPU-only
 
