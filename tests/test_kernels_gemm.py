@@ -30,13 +30,17 @@ from trt_gemma.kernels.reference_gemm import fp8_linear_ref, w4a16_linear_ref
 from trt_gemma.quant import quantize_fp8, quantize_int4_awq, quantize_int4_rtn
 from trt_gemma.quant import runtime as quant_runtime
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests (CPU only)")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)
 def _triton_interpreter(monkeypatch):
-    # The kernels are built at their first launch: rebuild them in interpreter mode here.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # Without a GPU the kernels run interpreted; they are built at their first launch, so
+    # rebuild them in that mode here.
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     caches = (gemm_w4a16._kernel, gemm_w4a16._dequant_kernel, gemm_fp8._quant_kernel)
     for cache in caches:
         cache.cache_clear()
@@ -95,21 +99,22 @@ W4A16_CASES = [
 @pytest.mark.parametrize(("m", "n", "k", "group", "zeros", "pre", "dtype", "cfg"), W4A16_CASES)
 def test_w4a16_paths_match_reference(m, n, k, group, zeros, pre, dtype, cfg):
     g = _gen(m * 1000 + n + k)
-    w = _int4(n, k, group, zeros, pre, dtype, g)
-    x = torch.randn(m, k, generator=g).to(dtype)
+    w = _int4(n, k, group, zeros, pre, dtype, g).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
     _assert_close(w4a16_linear(x, w, config=cfg), w4a16_linear_ref(x, w))
 
 
 def test_w4a16_split_k_is_deterministic_and_leaves_counters_zero():
     g = _gen(1)
-    w = _int4(80, 512, 64, True, True, torch.float32, g)
-    x = torch.randn(5, 512, generator=g)
-    cfg = W4A16Config("fused", 16, 32, 64, 8, 4, 4)
+    w = _int4(80, 512, 64, True, True, torch.float32, g).to(DEVICE)
+    x = torch.randn(5, 512, generator=g).to(DEVICE)
+    cfg = W4A16Config("fused", 16, 32, 32, 8, 4, 4)
     y1, y2 = w4a16_linear(x, w, config=cfg), w4a16_linear(x, w, config=cfg)
     assert torch.equal(y1, y2)
-    assert int(gemm_w4a16._arrival_counters(x.device, 0).abs().sum()) == 0
+    stream = gemm_w4a16._device_info(x.device)[2]
+    assert int(gemm_w4a16._arrival_counters(x.device, stream).abs().sum()) == 0
     # Summed in split order, the same partials as one program: equal to fp32 rounding.
-    unsplit = w4a16_linear(x, w, config=W4A16Config("fused", 16, 32, 64, 1, 4, 4))
+    unsplit = w4a16_linear(x, w, config=W4A16Config("fused", 16, 32, 32, 1, 4, 4))
     torch.testing.assert_close(y1, unsplit, rtol=0, atol=1e-5)
 
 
@@ -125,9 +130,10 @@ def test_w4a16_decode_is_one_launch(monkeypatch):
     monkeypatch.setattr(gemm_w4a16, "_kernel", lambda: Counting())
     monkeypatch.setattr(torch, "mm", lambda *a, **k: pytest.fail("cuBLAS on the decode path"))
     g = _gen(2)
-    w = _int4(64, 2048, 128, False, True, torch.bfloat16, g)
-    x = torch.randn(1, 2048, generator=g).to(torch.bfloat16)
-    cfg = choose_config(1, 64, 2048, 128, torch.bfloat16, (9, 0))  # what CPU tensors get
+    w = _int4(64, 2048, 128, False, True, torch.bfloat16, g).to(DEVICE)
+    x = torch.randn(1, 2048, generator=g).to(DEVICE, torch.bfloat16)
+    cc, sms, _ = gemm_w4a16._device_info(x.device)  # CPU tensors pose as sm90, 132 SMs
+    cfg = choose_config(1, 64, 2048, 128, torch.bfloat16, cc, sms)
     assert cfg.split_k > 1
     y = w4a16_linear(x, w)
     assert launches == [(1, cfg.split_k)]
@@ -137,7 +143,7 @@ def test_w4a16_decode_is_one_launch(monkeypatch):
 def test_w4a16_dequantize_kernel_is_int4weight_dequantize():
     g = _gen(3)
     for zeros, pre in ((False, False), (True, True)):
-        w = _int4(70, 320, 64, zeros, pre, torch.float32, g)
+        w = _int4(70, 320, 64, zeros, pre, torch.float32, g).to(DEVICE)
         assert torch.equal(dequantize_rows(w, 5, 60, torch.float32),
                            w.dequantize(torch.float32)[5:65])
 
@@ -145,8 +151,8 @@ def test_w4a16_dequantize_kernel_is_int4weight_dequantize():
 def test_w4a16_large_m_chunks_write_their_columns(monkeypatch):
     monkeypatch.setattr(gemm_w4a16, "_DEQUANT_CHUNK_BYTES", 64 * 128 * 4)  # 64 rows per chunk
     g = _gen(4)
-    w = _int4(150, 128, 64, True, False, torch.float32, g)
-    x = torch.randn(LARGE_M, 128, generator=g)
+    w = _int4(150, 128, 64, True, False, torch.float32, g).to(DEVICE)
+    x = torch.randn(LARGE_M, 128, generator=g).to(DEVICE)
     assert choose_config(LARGE_M, 150, 128, 64, x.dtype, (9, 0)).path == "dequant"
     _assert_close(w4a16_linear(x, w), w4a16_linear_ref(x, w))
 
@@ -201,8 +207,8 @@ def _activations(m, k, dtype, g):
 @pytest.mark.parametrize("k", [96, 1000, 5000])  # one step, a partial step, two steps of 4096
 def test_fp8_activation_quant_is_bit_identical(dtype, static, k):
     g = _gen(k)
-    x = _activations(5, k, dtype, g)
-    input_scale = None if static is None else torch.tensor(static)
+    x = _activations(5, k, dtype, g).to(DEVICE)
+    input_scale = None if static is None else torch.tensor(static, device=DEVICE)
     xq, scales = quantize_activation(x, input_scale)
     ref_scale = gemm_fp8.activation_scale(x, input_scale)
     assert xq.dtype == torch.float8_e4m3fn and scales.shape == (5, 1)
@@ -213,8 +219,8 @@ def test_fp8_activation_quant_is_bit_identical(dtype, static, k):
 def test_fp8_activation_quant_rounds_ties_to_even_and_saturates():
     # At scale 1: e4m3 neighbours 1.0 | 1.125, 1.125 | 1.25, 0 | 2**-9 (subnormal), 256 | 288.
     ties = [1.0625, 1.1875, 2.0**-10, 3 * 2.0**-10, 272.0, -1.0625, 500.0, -1000.0]
-    x = torch.tensor([ties + [0.0] * 8], dtype=torch.bfloat16)
-    xq, _ = quantize_activation(x, torch.tensor(1.0))
+    x = torch.tensor([ties + [0.0] * 8], dtype=torch.bfloat16, device=DEVICE)
+    xq, _ = quantize_activation(x, torch.tensor(1.0, device=DEVICE))
     expected = [1.0, 1.25, 0.0, 2.0**-8, 256.0, -1.0, 448.0, -448.0]
     assert xq.float()[0, :8].tolist() == expected
     assert torch.equal(xq.view(torch.uint8), cast_to_fp8(x, 1.0).view(torch.uint8))
@@ -259,9 +265,9 @@ def test_fp8_scaled_mm_arguments(monkeypatch, dtype, per_channel, static, rowwis
     fake = _FakeScaledMM()
     monkeypatch.setattr(torch, "_scaled_mm", fake, raising=False)
     g = _gen(5)
-    x = _activations(7, 64, dtype, g) * 0.01
+    x = (_activations(7, 64, dtype, g) * 0.01).to(DEVICE)
     q = quantize_fp8(torch.randn(48, 64, generator=g) * 0.1, per_channel,
-                     input_scale=float(x.abs().max()) / 448 if static else None)
+                     input_scale=float(x.abs().max()) / 448 if static else None).to(DEVICE)
     y = scaled_mm_linear(x, q, rowwise=rowwise)
     assert fake.calls == [("rowwise" if rowwise else "tensorwise",
                            torch.bfloat16 if rowwise else torch.float32)]
@@ -316,3 +322,14 @@ def test_prepare_for_device_gates_on_capability(monkeypatch, caplog):
         old = quant_runtime.prepare_for_device(weights, "cuda", torch.float16)
     assert torch.equal(old["c.int4"], int4.dequantize(torch.float16))
     assert len(caplog.records) == 3  # + FP8 and INT4 on 7.5, once each
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 300])
+def test_w4a16_gemma_shape_on_gpu(m):
+    """gemma-2-2b's down projection (2304 x 9216): split-K at decode, dequantize at prefill."""
+    g = _gen(6)
+    w = _int4(2304, 9216, 128, True, True, torch.bfloat16, g).to("cuda")
+    x = torch.randn(m, 9216, generator=g).to("cuda", torch.bfloat16)
+    _assert_close(w4a16_linear(x, w), w4a16_linear_ref(x, w))
