@@ -14,9 +14,8 @@ spread over one worker per core, and each report is cached under Triton's cache 
 by the kernel's source hash (Triton's ``cache_key``, which covers the jit functions it calls), the
 spec, the arch, the Triton version and the ptxas version: an unchanged kernel costs nothing.
 
-Pointer arguments are compiled as 16-byte aligned (what Triton specializes every torch
-allocation to); integer arguments carry no divisibility hint, so the numbers are those of the
-general variant of each configuration.
+Pointers are compiled as 16-byte aligned (Triton specializes every torch allocation so);
+integers only where the spec says so (``divisible_by_16``).
 """
 
 from __future__ import annotations
@@ -132,9 +131,12 @@ def kernel_name(fn: Any) -> str:
 
 
 def defined_kernels(module: str) -> list[str]:
-    """Names of the launchable kernels a kernel module defines: module-level @triton.jit objects
-    named ``*kernel`` in it or in its ``<module>_jit`` companion (device helpers like ``_dot`` are
-    not launched and have no spec). Kernels built inside a factory are not seen here."""
+    """Names of the launchable kernels a kernel module defines: @triton.jit objects named
+    ``*kernel`` at module level in it or in its ``<module>_jit`` companion, or returned by a
+    zero-argument factory named ``*kernel`` (``gemm_w4a16._kernel``). Device helpers like ``_dot``
+    are not launched and need no spec."""
+    import inspect
+
     names = set()
     for full in (f"trt_gemma.kernels.{module}", f"trt_gemma.kernels.{module}_jit"):
         try:
@@ -143,7 +145,13 @@ def defined_kernels(module: str) -> list[str]:
             if e.name != full:
                 raise
             continue
-        for obj in vars(mod).values():
+        for attr, obj in vars(mod).items():
+            if (
+                inspect.isfunction(getattr(obj, "__wrapped__", obj))
+                and attr.endswith("kernel")
+                and not inspect.signature(obj).parameters
+            ):
+                obj = obj()  # a factory that builds the kernel on first use
             raw = getattr(obj, "fn", None)
             if hasattr(obj, "arg_names") and getattr(raw, "__name__", "").endswith("kernel"):
                 names.add(raw.__name__)
@@ -158,7 +166,20 @@ def _job(spec: KernelSpec, cc: tuple[int, int]) -> dict:
         "name": spec.name, "module": raw.__module__, "qualname": raw.__qualname__,
         "args": dict(spec.args), "constexprs": dict(spec.constexprs),
         "num_warps": spec.num_warps, "num_stages": spec.num_stages, "arch": arch(cc).target,
+        "divisible": sorted(divisible_by_16(spec)),
     }  # fmt: skip
+
+
+def divisible_by_16(spec: KernelSpec) -> set[str]:
+    """The integer arguments compiled as multiples of 16: the spec's ``divisible_by_16`` (names),
+    if it has that attribute, else none. Triton specializes each launch on that property of every
+    integer argument (pointers: always aligned for torch allocations), and it decides whether
+    row loads vectorize: the prefill kernel of 0c4071e at head_dim 256 on sm90 took 255 registers
+    and spilled 280 B without it, 196 and no spill with its strides marked. Without the
+    attribute the check compiles the general variant (what a launch with odd strides gets): the
+    worst case, unless the kernel states alignment itself (attention's ROW_ALIGN). A stride that
+    is 1 at runtime belongs in the spec's constexprs (Triton compiles it as the constant 1)."""
+    return set(getattr(spec, "divisible_by_16", None) or ())
 
 
 # Compiling (in worker processes) -------------------------------------------------------------
@@ -234,7 +255,9 @@ def _resolve(module: str, qualname: str) -> Any:
 
 def _signature(fn: Any, job: dict) -> tuple[dict, dict, dict]:
     """Triton's (signature, constexprs, attrs) for ASTSource: every argument in order, constexpr
-    ones typed "constexpr"; pointers marked 16-byte divisible."""
+    ones typed "constexpr"; pointers and the integers in job["divisible"] marked divisible by 16.
+    A non-constexpr integer given in constexprs is compiled as that constant, as Triton does when
+    a launch passes 1."""
     signature, constexprs, attrs = {}, {}, {}
     given = set(job["args"]) | set(job["constexprs"])
     unknown = sorted(given - set(fn.arg_names))
@@ -249,9 +272,12 @@ def _signature(fn: Any, job: dict) -> tuple[dict, dict, dict]:
             else:
                 raise ValueError(f"constexpr {p.name} of {job['qualname']} has no value")
             signature[p.name] = "constexpr"
+        elif p.name in job["constexprs"]:  # an int the launch always passes as this value
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = job["constexprs"][p.name]
         elif p.name in job["args"]:
             signature[p.name] = job["args"][p.name]
-            if signature[p.name].startswith("*"):
+            if signature[p.name].startswith("*") or p.name in job["divisible"]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             raise ValueError(f"argument {p.name} of {job['qualname']} has no type in args")
@@ -293,7 +319,8 @@ def _cache_path(fn: Any, job: dict, signature: dict, constexprs: dict) -> str:
     key = json.dumps([
         triton.__version__, get_ptxas(job["arch"]).version, fn.cache_key, job["arch"],
         signature, sorted((k, repr(v)) for k, v in constexprs.items()),
-        job["num_warps"], job["num_stages"], "aligned-pointers",
+        job["num_warps"], job["num_stages"],
+        ["aligned-pointers", *job["divisible"]] if job["divisible"] else "aligned-pointers",
     ])  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()
     return os.path.join(triton.knobs.cache.dir, "trt_gemma_aot", digest + ".json")

@@ -176,14 +176,15 @@ def test_every_module_lists_every_kernel(module):
     for cc in CCS:
         specs = provider(cc)
         listed = {aot.kernel_name(s.fn) for s in specs}
-        assert specs, f"trt_gemma.kernels.{module}.compile_specs({cc}) lists nothing"
+        assert specs or not defined, f"trt_gemma.kernels.{module}.compile_specs({cc}) is empty"
         assert defined <= listed, f"{module} on {cc}: no spec for {sorted(defined - listed)}"
 
 
 def test_no_fp8_on_sm80():
     # Triton has no e4m3 (fp8e4nv) before sm89: an sm80 launcher must never pick such a config.
     specs, _ = _specs((8, 0))
-    fp8 = [s.name for s in specs if any("fp8" in t for t in s.args.values())]
+    fp8 = [s.name for s in specs if any("fp8" in t for t in s.args.values())
+           or any("float8" in str(v) for v in s.constexprs.values())]  # fmt: skip
     assert not fp8, f"sm80 specs use fp8: {fp8}"
 
 
