@@ -15,6 +15,7 @@ Weights are plain tensors or quantized weight objects (see kernels/gemm_*.py), a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 from trt_gemma import ops, packed_linear
 from trt_gemma.config import GemmaConfig
 from trt_gemma.kernels import reference
+from trt_gemma.kernels.gemm_fp8 import Fp8Weight
+from trt_gemma.kernels.gemm_w4a16 import Int4Weight
 
 
 class AttentionBackend:
@@ -81,10 +84,43 @@ class LayerWeights:
 
 
 def _fuse(parts: list[Any]) -> Any:
-    """Concatenate dense weights along the output dim (one GEMM instead of several)."""
+    """Concatenate weights that read the same input along the output dim: one GEMM instead of
+    several. Quantized weights fuse when their formats line up (the converter quantizes q/k/v and
+    gate/up as groups sharing one AWQ scale and one activation scale); else a tuple, one GEMM
+    each."""
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, dim=0)
-    return tuple(parts)
+    fused = _fuse_quantized(parts)
+    return tuple(parts) if fused is None else fused
+
+
+def _same(tensors: list[torch.Tensor | None]) -> bool:
+    first = tensors[0]
+    if first is None:
+        return all(t is None for t in tensors)
+    return all(t is not None and t.dtype == first.dtype and torch.equal(t, first)
+               for t in tensors)
+
+
+def _fuse_quantized(parts: list[Any]) -> Any:
+    """Row-concatenated Int4Weight / per-channel Fp8Weight, or None when they cannot be."""
+    first = parts[0]
+    if all(isinstance(p, Int4Weight) for p in parts):
+        if (len({p.group_size for p in parts}) > 1 or len({p.scales.dtype for p in parts}) > 1
+                or not _same([p.pre_quant_scale for p in parts])
+                or len({p.zeros is None for p in parts}) > 1):
+            return None
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return dataclasses.replace(first, qweight=torch.cat([p.qweight for p in parts]),
+                                   scales=torch.cat([p.scales for p in parts]), zeros=zeros)
+    if all(isinstance(p, Fp8Weight) for p in parts):
+        if not _same([p.input_scale for p in parts]):
+            return None
+        # per-tensor scales become per-channel ones (the same products)
+        scales = [p.weight_scale.expand(p.out_features) for p in parts]
+        return dataclasses.replace(first, weight=torch.cat([p.weight for p in parts]),
+                                   weight_scale=torch.cat(scales))
+    return None
 
 
 def _split_linear(x: torch.Tensor, weight: Any, sizes: list[int]) -> list[torch.Tensor]:
