@@ -275,6 +275,9 @@ def test_step_buffer_packs_int32_fields_and_grows():
     assert f.block_tables[1][1].tolist() == np.arange(15).reshape(3, 5).tolist()
     assert f.input_ids[1].tolist() == [7, 8, 9]
     assert buf.capacity >= buf.used > 4  # grown
+    fields = [f.input_ids, f.positions, f.logits_indices, *f.slot_mapping, f.context_lens,
+              f.cu_seqlens_q, *f.block_tables]
+    assert all(dev.data_ptr() % 16 == 0 for _, dev in fields)  # Triton's aligned pointers
     fixed = StepBuffer(torch.device("cpu"), words=4, growable=False)
     with pytest.raises(ValueError, match="fixed buffer"):
         reserve_step(fixed, 3, 1, 3, 0, None, [5])

@@ -3,8 +3,8 @@
 A step's inputs are a dozen small integer tensors (token ids, positions, KV slots per group, the
 decodes' block tables, context lengths, cumulative lengths, the rows to sample). Built as Python
 lists and moved one ``torch.tensor(...).to(device)`` at a time, each is a pageable copy and a
-launch. Here they are packed into one int64 buffer (int32 fields occupy whole int64 words, read
-through an int32 view), written with numpy slicing, copied to the device with ONE non-blocking
+launch. Here they are packed into one int64 buffer (each field 16-byte aligned; int32 fields are
+read through an int32 view), written with numpy slicing, copied to the device with ONE non-blocking
 copy from pinned memory, and handed out as views of the device buffer. On CPU the host buffer is
 the device buffer: no copy at all.
 
@@ -25,8 +25,11 @@ from trt_gemma.runtime.sequence import Sequence
 
 
 def _words(n: int, dtype) -> int:
-    """int64 words a field of n elements occupies (int32 fields round up to whole words)."""
-    return n if dtype == np.int64 else (n + 1) // 2
+    """int64 words a field of n elements occupies, rounded up to an even count: every field
+    starts 16-byte aligned, as Triton specializes (and the kernels' compile check assumes) for
+    torch's own allocations."""
+    words = n if dtype == np.int64 else (n + 1) // 2
+    return words + words % 2
 
 
 class StepBuffer:
