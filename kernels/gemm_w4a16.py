@@ -243,6 +243,13 @@ def _split_k(tiles: int, k: int, block_k: int, num_sms: int) -> int:
     return split
 
 
+def _fused_fits(m: int, n: int, k: int, group_size: int, block_k: int) -> bool:
+    """The fused kernel's preconditions: whole K steps inside one group, two dots of >= 16
+    channels each, and int32 offsets."""
+    return (block_k >= 32 and k % block_k == 0 and group_size % block_k == 0
+            and n * k // 2 < 2**31 and m * max(n, k) < 2**31)
+
+
 def choose_config(
     m: int, n: int, k: int, group_size: int, dtype: torch.dtype, cc: tuple[int, int],
     num_sms: int | None = None,
@@ -256,8 +263,7 @@ def choose_config(
     # Fused K step: two dots over its even and odd halves, each >= 16 channels (what tl.dot
     # needs); fp32 ("ieee") operands take twice the registers of 16-bit ones.
     block_k = min(_block_k(group_size), 32 if fp32 else 64)
-    fits_int32 = n * k // 2 < 2**31 and m * max(n, k) < 2**31  # the fused kernel's offsets
-    if m >= LARGE_M or block_k < 32 or k % block_k or not fits_int32:
+    if m >= LARGE_M or not _fused_fits(m, n, k, group_size, block_k):
         return W4A16Config("dequant", 0, 64, _block_k(group_size), 1, 4, 1)
     block_n = 32 if fp32 else 64
     if m <= SMALL_M:
@@ -433,14 +439,18 @@ def _arrival_counters(device: torch.device, stream: int) -> torch.Tensor:
     return torch.zeros(_MAX_SPLIT_TILES, dtype=torch.int32, device=device)
 
 
+@functools.cache
+def _gpu(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
 
 def _device_info(device: torch.device) -> tuple[tuple[int, int], int | None, int]:
     """(compute capability, SM count, current stream id); the interpreter on CPU poses as sm90."""
     if device.type != "cuda":
         return (9, 0), None, 0
-    props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor), props.multi_processor_count, torch.cuda.current_stream(
-        device).cuda_stream
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (*_gpu(index), torch.cuda.current_stream(device).cuda_stream)
 
 
 def _check(x: torch.Tensor, w: Int4Weight) -> None:
@@ -492,6 +502,10 @@ def _operands(w: Int4Weight):
 def _fused(x2: torch.Tensor, w: Int4Weight, y: torch.Tensor, cfg: W4A16Config,
            stream: int) -> None:
     m, n, k = x2.shape[0], w.out_features, w.in_features
+    if not _fused_fits(m, n, k, w.group_size, cfg.block_k):
+        raise ValueError(f"w4a16_linear: the fused kernel cannot take m={m} n={n} k={k} group "
+                         f"{w.group_size} with K step {cfg.block_k} (choose_config routes these "
+                         "to the dequantize path)")
     qweight, scales, zeros, pqs = _operands(w)
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     split = cfg.split_k if tiles <= _MAX_SPLIT_TILES else 1

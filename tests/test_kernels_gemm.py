@@ -104,6 +104,12 @@ def test_w4a16_paths_match_reference(m, n, k, group, zeros, pre, dtype, cfg):
     _assert_close(w4a16_linear(x, w, config=cfg), w4a16_linear_ref(x, w))
 
 
+def test_w4a16_fused_config_refuses_shapes_it_cannot_take():
+    w = _int4(32, 96, 48, False, False, torch.float32, _gen(7)).to(DEVICE)
+    with pytest.raises(ValueError, match="fused kernel cannot take"):
+        w4a16_linear(torch.randn(2, 96, device=DEVICE), w, config=SPLIT3)
+
+
 def test_w4a16_split_k_is_deterministic_and_leaves_counters_zero():
     g = _gen(1)
     w = _int4(80, 512, 64, True, True, torch.float32, g).to(DEVICE)
