@@ -99,7 +99,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
                                   config.cuda_graph_batch_sizes, self.max_model_len,
-                                  config.cpu_single_thread_below, config.cpu_int8_decode_max_rows)
+                                  config.cpu_single_thread_below, config.cpu_int8_decode_max_rows,
+                                  config.max_num_seqs, config.max_num_batched_tokens)
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows or 0
         auto = config.greedy_head_max_rows is None  # CPU and a big vocabulary: where it wins
         cpu = model.device.type == "cpu"
