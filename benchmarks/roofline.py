@@ -46,13 +46,16 @@ from pathlib import Path
 
 from trt_gemma.config import GemmaConfig, preset
 
-# Kernels per decoder layer on the fused GPU path this budget is set for: input RMSNorm; the qkv
-# GEMM; QK-norm + rope + KV-cache write; paged decode attention; the o GEMM; post-attention norm +
-# residual + pre-feedforward norm; the gate/up GEMM; GeGLU; the down GEMM; post-feedforward norm +
-# residual. Every extra kernel per layer costs num_hidden_layers * LAUNCH_US per step.
+# Kernels per decoder layer of a decode step on the fused GPU path, as benchmarks/launch_count.py
+# counts them (10.2 per layer measured on Gemma 3 270M in bf16, 3 of them once per step): the qkv
+# GEMM; q/k norm + rope + KV-cache write; paged decode attention and its split reduce (no reduce
+# when one split fills the GPU); the o GEMM; post-attention norm + residual + pre-feedforward
+# norm; the gate/up GEMM; GeGLU; the down GEMM; post-feedforward norm + residual + the next
+# layer's input norm. Every extra kernel per layer costs num_hidden_layers * LAUNCH_US per step.
 DECODE_LAUNCHES_PER_LAYER = 10
-# Kernels once per step, outside the decoder layers.
-STEP_LAUNCHES = {"embedding": 1, "final_norm": 1, "lm_head": 1, "sampling": 2}
+# Kernels once per step, outside the decoder layers (the final norm rides on the last layer's
+# add + norm).
+STEP_LAUNCHES = {"embedding": 2, "first_input_norm": 1, "lm_head": 1, "sampling": 2}
 LAUNCH_US = 2.5  # cost of one kernel launch, microseconds (no overlap assumed)
 
 MODELS = ("gemma-2b", "gemma-7b", "gemma-2-9b", "gemma-3-4b", "gemma-3-27b")
@@ -373,9 +376,11 @@ def docs_section(data: dict) -> str:
         "plus each sequence's KV cache, so its floor is **bytes / peak HBM bandwidth**; each "
         f"kernel launch adds {LAUNCH_US} µs on top. Predicted step time = bytes / bandwidth + "
         f"launches × {LAUNCH_US} µs, launches = layers × {DECODE_LAUNCHES_PER_LAYER} "
-        f"(`DECODE_LAUNCHES_PER_LAYER`: input norm, qkv GEMM, QK-norm + rope + KV write, decode "
-        "attention, o GEMM, post-attention norm + residual + pre-FF norm, gate/up GEMM, GeGLU, "
-        f"down GEMM, post-FF norm + residual) + {sum(STEP_LAUNCHES.values())} per step "
+        f"(`DECODE_LAUNCHES_PER_LAYER`, as `benchmarks/launch_count.py` counts them: qkv GEMM, "
+        "QK-norm + rope + KV write, decode attention and its split reduce, o GEMM, "
+        "post-attention norm + residual + pre-FF norm, gate/up GEMM, GeGLU, down GEMM, post-FF "
+        "norm + residual + next input norm) + "
+        f"{sum(STEP_LAUNCHES.values())} per step "
         f"({per_step}); tokens/s = batch / step time. Shapes: `trt_gemma.config.PRESETS` (the "
         "released models' config.json values); context = keys the new token attends to, "
         "1k = 1024, 8k = 8192; GB = 10^9 bytes.",
