@@ -264,13 +264,20 @@ def choose_config(
     # needs); fp32 ("ieee") operands take twice the registers of 16-bit ones.
     block_k = min(_block_k(group_size), 32 if fp32 else 64)
     if m >= LARGE_M or not _fused_fits(m, n, k, group_size, block_k):
-        return W4A16Config("dequant", 0, 64, _block_k(group_size), 1, 4, 1)
+        return _dequant_config(group_size)
     block_n = 32 if fp32 else 64
     if m <= SMALL_M:
         split = _split_k(-(-n // block_n), k, block_k, sms)
         return W4A16Config("fused", 16, block_n, block_k, split, 4, 4)
     block_m = 32 if m <= 32 else 64
-    return W4A16Config("fused", block_m, block_n, block_k, 1, 8 if block_m == 64 else 4, 3)
+    # 8 warps: with 4, the 16-bit 32-row tile spills on sm80 at group 32 (zeros + pre-scale).
+    warps = 4 if fp32 and block_m == 32 else 8
+    return W4A16Config("fused", block_m, block_n, block_k, 1, warps, 3)
+
+
+def _dequant_config(group_size: int) -> W4A16Config:
+    # 64 rows x one K step per program; 8 warps (4 spill on sm90 at K step 32).
+    return W4A16Config("dequant", 0, 64, _block_k(group_size), 1, 8, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +551,7 @@ def dequantize_rows(w: Int4Weight, row0: int, rows: int, dtype: torch.dtype,
                     cfg: W4A16Config | None = None) -> torch.Tensor:  # [rows, in]
     """Rows ``row0 .. row0 + rows - 1`` of ``w.dequantize(dtype)`` by the Triton kernel."""
     k = w.in_features
-    cfg = cfg or W4A16Config("dequant", 0, 64, _block_k(w.group_size), 1, 4, 1)
+    cfg = cfg or _dequant_config(w.group_size)
     out = out if out is not None else torch.empty(rows, k, dtype=dtype, device=w.device)
     qweight, scales, zeros, pqs = _operands(w)
     grid = (-(-rows // cfg.block_n), -(-k // cfg.block_k))
