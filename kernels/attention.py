@@ -138,9 +138,9 @@ def prefill_config(head_dim: int, dtype: torch.dtype, cc: tuple[int, int] | None
     if cc is None:
         return 16, 16, 4, 1
     if not aligned:  # element-wise addresses: a [16, head_dim] q tile is all that fits
+        return 16, 16, 8, 1
+    if dtype == torch.float32:  # tests only: fp32 tiles, ieee dots (32 rows spill on sm90)
         return 16, 16, 4, 1
-    if dtype == torch.float32:  # tests only: fp32 tiles, ieee dots
-        return 32, 16, 4, 1
     if head_dim <= 64:
         return 64, 64, 4, 2
     if head_dim <= 128:  # sm80 spills 16 B at 128 x 64 (window + softcap on)
@@ -159,8 +159,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, cc: tuple[int, int] | None,
     ``cc`` is there for when measurements say otherwise."""
     if cc is None:
         return 16, 4, 1
-    if dtype == torch.float32 or not aligned:
-        return 16, 4, 2
+    if dtype == torch.float32 or not aligned:  # fp32: tests only; 8 warps for fp8 K/V
+        return 16, 8, 2
     if head_dim <= 128:
         return 64, 4, 2
     return (32, 4, 2) if kv_fp8 else (64, 8, 2)
@@ -424,9 +424,9 @@ def write_kv_cache(
 
 
 def _write_kv_warps(num_kv_heads: int, head_dim: int) -> int:
-    # One token's [heads, head_dim] K and V in registers: 8 warps past 2048 elements (16 kv
-    # heads at head_dim 256 spill on 4).
-    return 8 if _pad(num_kv_heads, 2) * _pad(head_dim, 1) > 2048 else 4
+    # One token's [heads, head_dim] K and V in registers: 16 warps past 2048 elements (16 kv
+    # heads at head_dim 256 spill on 4 and 8).
+    return 16 if _pad(num_kv_heads, 2) * _pad(head_dim, 1) > 2048 else 4
 
 
 # --------------------------------------------------------------------------- ahead-of-time specs
@@ -455,13 +455,17 @@ def compile_specs(cc: tuple[int, int]) -> list[KernelSpec]:
     """Every configuration the attention launchers can choose on a GPU of compute capability
     ``cc``: q dtypes bf16/fp16/fp32, head_dim 64/128/256, window and softcap off or both on (their
     values are constexpr/runtime but one representative each shows the code), fp8 K/V only from
-    sm89 (Triton cannot convert e4m3 on sm80), decode with one split and with several, and the
-    reduce for every split padding. Tiles come from the launchers' own config functions."""
+    sm89 (Triton cannot convert e4m3 on sm80; not with fp32 q, see below), aligned rows and the
+    unaligned fallback, decode with one split and with several, and the reduce for every split
+    padding. Tiles come from the launchers' own config functions."""
     fp8 = cc >= (8, 9)
     specs = []
     for dtype, hd in itertools.product(_SPEC_DTYPES, _SPEC_HEAD_DIMS):
         kv_types = (dtype, FP8_DTYPE) if fp8 else (dtype,)
-        for kv, on in itertools.product(kv_types, (False, True)):
+        # fp32 q on an fp8 cache: a test-only mix the runtime never makes (fp32 runs the CPU
+        # references); its decode spills a few bytes at head_dim 256, so it is not listed.
+        attn_kv = (dtype,) if dtype == torch.float32 else kv_types
+        for kv, on in itertools.product(attn_kv, (False, True)):
             # plus, with the features on, the small-tile fallback for strides not a multiple of 16
             specs += _attention_specs(dtype, hd, kv, on, 16, cc)
             if on:
