@@ -43,8 +43,8 @@ two dots, so the packed bytes are never interleaved in registers.
   partials in split order (deterministic, unlike atomic adds), writes y in x's dtype and resets
   its counter. So a decode GEMM is ONE launch, split or not; the counters are zeroed once per
   device and stream when first needed (warm up before capturing a CUDA graph).
-- mid M (``16 < m < 256``): the same fused kernel, 32- or 64-row tiles of x (64: 8 warps), no
-  split: still bound by reading the 4-bit weight, which this path reads once.
+- mid M (``16 < m < 256``): the same fused kernel, 64-row tiles of x (8 warps; fp32: 32 or 64
+  rows), no split: still bound by reading the 4-bit weight, which this path reads once.
 - large M (``m >= 256``, prefill), and shapes the fused kernel does not take (k not a multiple
   of its K step, a group not a multiple of 32, offsets past int32): a Triton kernel dequantizes W
   (``Int4Weight.dequantize``'s fp32 math, ``pre_quant_scale`` folded into W) into a dense buffer
@@ -269,10 +269,13 @@ def choose_config(
     if m <= SMALL_M:
         split = _split_k(-(-n // block_n), k, block_k, sms)
         return W4A16Config("fused", 16, block_n, block_k, split, 4, 4)
+    if not fp32:
+        # One 64-row tile, 8 warps, for all mid M: a 32-row tile (4 or 8 warps) spilled a few
+        # bytes in the compile check on sm80/sm89 with some flag sets, and the wider MMA costs
+        # nothing while the weight's bytes bound the time.
+        return W4A16Config("fused", 64, block_n, block_k, 1, 8, 3)
     block_m = 32 if m <= 32 else 64
-    # 8 warps: with 4, the 16-bit 32-row tile spills on sm80 at group 32 (zeros + pre-scale).
-    warps = 4 if fp32 and block_m == 32 else 8
-    return W4A16Config("fused", block_m, block_n, block_k, 1, warps, 3)
+    return W4A16Config("fused", block_m, block_n, block_k, 1, 4 if block_m == 32 else 8, 3)
 
 
 def _dequant_config(group_size: int) -> W4A16Config:

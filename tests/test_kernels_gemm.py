@@ -75,7 +75,7 @@ SMALL, SPLIT4, SPLIT3, MID = (
     W4A16Config("fused", 16, 64, 64, 1, 4, 4),
     W4A16Config("fused", 16, 64, 64, 4, 4, 4),
     W4A16Config("fused", 16, 32, 32, 3, 4, 4),  # 3 splits of 7 K tiles: uneven
-    W4A16Config("fused", 32, 64, 64, 1, 4, 3),
+    W4A16Config("fused", 64, 64, 64, 1, 8, 3),
 )
 DEQUANT = W4A16Config("dequant", 0, 64, 64, 1, 4, 1)
 
@@ -88,6 +88,7 @@ W4A16_CASES = [
     (3, 80, 224, 32, True, True, torch.float32, SPLIT3),
     (16, 48, 512, 128, False, True, torch.float16, W4A16Config("fused", 16, 64, 64, 16, 4, 4)),
     (17, 80, 256, 64, True, True, torch.bfloat16, MID),
+    (33, 80, 256, 64, False, True, torch.float16, None),  # chosen: the 64-row mid tile
     (64, 100, 128, 32, False, False, torch.float32, W4A16Config("fused", 64, 32, 32, 1, 8, 3)),
     (17, 80, 256, 64, False, True, torch.float32, DEQUANT),
     (64, 100, 192, 64, True, True, torch.bfloat16, DEQUANT),
