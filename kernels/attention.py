@@ -138,7 +138,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, cc: tuple[int, int] | None
     if cc is None:
         return 16, 16, 4, 1
     if not aligned:  # element-wise addresses: a [16, head_dim] q tile is all that fits
-        return 16, 16, 8, 1
+        return 16, 16, 4 if dtype == torch.float32 else 8, 1
     if dtype == torch.float32:  # tests only: fp32 tiles, ieee dots (32 rows spill on sm90)
         return 16, 16, 4, 1
     if head_dim <= 64:
