@@ -131,13 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         os.makedirs(os.path.dirname(args.output_json), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump({
-                "triton": triton.__version__, "missing_modules": missing,
-                "reports": [{"module": m, **r.__dict__, "problems": r.problems()}
-                            for (m, _, _), r in zip(rows, reports, strict=True)],
-            }, f, indent=1)  # fmt: skip
-            f.write("\n")
+        lines = [json.dumps({"module": m, **r.__dict__, "problems": r.problems()})
+                 for (m, _, _), r in zip(rows, reports, strict=True)]  # fmt: skip
+        with open(args.output_json, "w") as f:  # one report per line: readable diffs
+            f.write(f'{{"triton": "{triton.__version__}", "missing_modules": {json.dumps(missing)},'
+                    f'\n "reports": [\n  ' + ",\n  ".join(lines) + "\n]}\n")  # fmt: skip
     return 1 if any(r.problems() for r in reports) else 0
 
 

@@ -174,12 +174,10 @@ def test_every_module_lists_every_kernel(module):
     provider = aot.spec_providers()[module]
     if provider is None:
         pytest.xfail(f"trt_gemma.kernels.{module} has no compile_specs(cc) yet")
+    # Across the archs: a kernel may run on some only (fp8 needs sm89+).
     defined = set(aot.defined_kernels(module))
-    for cc in CCS:
-        specs = provider(cc)
-        listed = {aot.kernel_name(s.fn) for s in specs}
-        assert specs or not defined, f"trt_gemma.kernels.{module}.compile_specs({cc}) is empty"
-        assert defined <= listed, f"{module} on {cc}: no spec for {sorted(defined - listed)}"
+    listed = {aot.kernel_name(s.fn) for cc in CCS for s in provider(cc)}
+    assert defined <= listed, f"{module}: no spec on any arch for {sorted(defined - listed)}"
 
 
 def test_no_fp8_on_sm80():
