@@ -5,6 +5,8 @@ Each kernel module lists its launch configurations as ``KernelSpec`` (``compile_
 needed) and reads what the hardware will care about from the ptxas run Triton makes on the PTX:
 registers per thread, spill stores and loads, and shared memory (Triton's allocation plus ptxas's
 static shared memory). ``CompileReport.problems`` says what would fail or slow down on the GPU.
+The ptxas is the one Triton picks (``get_ptxas``): the wheel's ``ptxas`` (CUDA 12.9) for sm80/sm89,
+``ptxas-blackwell`` (CUDA 13.4) for sm90a, whose PTX version the older one rejects.
 
 Why a subprocess: under ``TRITON_INTERPRET=1`` (the test suite sets it process-wide) ``@triton.jit``
 builds interpreter wrappers that cannot be compiled. The workers run with it removed, import the
