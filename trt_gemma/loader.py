@@ -38,7 +38,8 @@ def load_model(source: str | Path, dtype: str | torch.dtype = "auto",
 
         engine = read_engine(source, verify=verify)
         config, weights, tokenizer = engine.config, engine.load_weights(), engine.load_tokenizer()
-        weights = prepare_for_device(weights, device)  # dequantize formats without a kernel here
+        # dequantize formats without a kernel here, straight to the model's dtype
+        weights = prepare_for_device(weights, device, dtype)
     else:
         from trt_gemma.checkpoint import open_checkpoint
 
