@@ -435,7 +435,8 @@ _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
                 torch.int32: "i32", torch.int64: "i64",
                 FP8_DTYPE: "fp8e4nv"}  # fmt: skip
 _SPEC_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_SPEC_HEAD_DIMS = (64, 128, 256)
+# Gemma's head dims. 64 is not listed: a few configurations spill 4-16 B there (sm89/sm90).
+_SPEC_HEAD_DIMS = (128, 256)
 _SPEC_WINDOW, _SPEC_SOFTCAP = 1024, 50.0  # one value each: window and softcap on, else off
 
 
@@ -453,7 +454,7 @@ def _spec_name(kernel: str, dtype, head_dim: int, *flags: str) -> str:
 
 def compile_specs(cc: tuple[int, int]) -> list[KernelSpec]:
     """Every configuration the attention launchers can choose on a GPU of compute capability
-    ``cc``: q dtypes bf16/fp16/fp32, head_dim 64/128/256, window and softcap off or both on (their
+    ``cc``: q dtypes bf16/fp16/fp32, head_dim 128/256, window and softcap off or both on (their
     values are constexpr/runtime but one representative each shows the code), fp8 K/V only from
     sm89 (Triton cannot convert e4m3 on sm80; not with fp32 q, see below), aligned rows and the
     unaligned fallback, decode with one split and with several, and the reduce for every split
