@@ -1,7 +1,8 @@
 """The paged-KV attention backend the model calls for a scheduled batch.
 
 The batch is packed: decode tokens first (one per sequence), then prefill chunks. Per layer,
-``attend`` writes the new keys/values into their slots, then
+``attend_projected`` takes q/k before their norm and rope and, on the Triton path, norms, ropes and
+writes the new keys/values into their slots in one fused op (``ops.qk_norm_rope_kv_write``), then
 
 - decodes read their sequence's blocks in place (``ops.paged_decode_attention``);
 - prefill chunks attend over ``[first visible key, last query]`` of their sequence: the new keys
