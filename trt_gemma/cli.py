@@ -1,4 +1,4 @@
-"""The ``trt-gemma`` command: generate | info here; build | eval and serve from their packages.
+"""The ``trt-gemma`` command: generate | info here; build | eval, serve, bench from their packages.
 
 Each package that owns a command exposes ``add_commands(subparsers)`` (see COMMAND_MODULES), so the
 converter and the server add their subcommands without this module importing their code up front.
@@ -18,7 +18,8 @@ import time
 from trt_gemma.errors import TrtGemmaError
 
 EXIT_USER_ERROR = 2
-COMMAND_MODULES = ("trt_gemma.build.commands", "trt_gemma.server.commands")
+COMMAND_MODULES = ("trt_gemma.build.commands", "trt_gemma.server.commands",
+                   "trt_gemma.bench.commands")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

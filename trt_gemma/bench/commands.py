@@ -1,0 +1,256 @@
+"""``trt-gemma bench throughput | latency``, registered into ``trt-gemma`` by trt_gemma/cli.py.
+
+``bench`` is a command group: ``serve`` (online, against a URL) and ``gpu-suite`` can join
+``throughput`` and ``latency`` as further subparsers here. Options are validated after parsing
+(one-line errors, exit 2), like every other command's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+from trt_gemma.errors import ConfigError
+
+GiB = 1 << 30
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="offline throughput and latency benchmarks")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{throughput,latency}")
+
+    t = sub.add_parser("throughput", help="all requests at once: requests/s, tokens/s, latency, "
+                                          "KV usage, memory bandwidth")
+    _add_common(t)
+    t.add_argument("--num-requests", type=int, default=64)
+    t.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    t.add_argument("--output-len", type=int, default=128, help="generated tokens per request")
+    t.add_argument("--len-spread", type=float, default=0.0,
+                   help="lengths uniform over len*(1-F)..len*(1+F); 0 = fixed")
+    t.add_argument("--dataset", default=None,
+                   help='JSONL: {"prompt": str | "input_ids": [int], "output_tokens": int}')
+    t.add_argument("--peer", action="append", default=[],
+                   help="also run the requests with: transformers | llama.cpp (repeatable)")
+    t.add_argument("--output-json", required=True, help="where to write the results")
+    t.set_defaults(func=cmd_throughput)
+
+    lat = sub.add_parser("latency", help="time to first token and per-token latency per batch")
+    _add_common(lat)
+    lat.add_argument("--batch-sizes", default="1,4", help="comma-separated")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=32)
+    lat.add_argument("--iterations", type=int, default=3, help="runs per batch size")
+    lat.add_argument("--output-json", default=None, help="where to write the results")
+    lat.set_defaults(func=cmd_latency)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", default=None,
+                   help="bundled name (gemma3-270m), .gguf, HF dir or engine dir "
+                        "(none with --random-weights)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights at --preset's shapes instead of a checkpoint")
+    p.add_argument("--preset", default=None, help="model shapes for --random-weights "
+                                                  "(gemma-2b, gemma-7b, gemma-3-4b ...)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="--random-weights: keep only the first N decoder layers (recorded)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cuda if available, else cpu")
+    p.add_argument("--no-verify", action="store_true", help="skip engine checksum verification")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache size in GiB")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
+    p.add_argument("--plot", default=None, help="PNG: latency distribution, tokens over time, "
+                                                "telemetry")
+    p.add_argument("--telemetry-interval", type=float, default=0.1, help="seconds")
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _engine(args: argparse.Namespace, target):
+    from trt_gemma.runtime import EngineConfig, LLMEngine
+
+    kw = {"kv_cache_dtype": args.kv_cache_dtype}
+    if args.max_num_seqs is not None:
+        kw["max_num_seqs"] = args.max_num_seqs
+    if args.max_num_batched_tokens is not None:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_gib is not None:
+        if args.kv_cache_gib <= 0:
+            raise ConfigError(f"--kv-cache-gib must be > 0, got {args.kv_cache_gib}")
+        kw["kv_cache_memory"] = int(args.kv_cache_gib * GiB)
+    return LLMEngine(target.model, target.tokenizer, EngineConfig(**kw))
+
+
+def _engine_record(engine) -> dict:
+    from trt_gemma.runtime.engine import choose_kv_dtype
+
+    c = engine.config
+    return {"max_num_seqs": c.max_num_seqs, "max_num_batched_tokens": c.max_num_batched_tokens,
+            "block_size": c.block_size, "max_model_len": engine.max_model_len,
+            "kv_cache_dtype": str(choose_kv_dtype(engine.model, c.kv_cache_dtype))
+            .removeprefix("torch."),
+            "num_kv_blocks": list(engine.get_stats().num_kv_blocks)}
+
+
+def _load(args: argparse.Namespace):
+    from trt_gemma.bench.target import load_target
+
+    return load_target(args.source, random_weights=args.random_weights,
+                       preset_name=args.preset, num_layers=args.num_layers, dtype=args.dtype,
+                       device=_device(args), verify=not args.no_verify)
+
+
+def _bos(target) -> int | None:
+    tok = target.tokenizer
+    return tok.bos_id if tok is not None else target.model.config.bos_token_id
+
+
+def _telemetry(model, interval: float):
+    from trt_gemma.bench.telemetry import Telemetry
+
+    cuda = model.device.type == "cuda"
+    index = (model.device.index or 0) if cuda else None
+    return Telemetry(index, interval)
+
+
+def _title(kind: str, target, env: dict) -> str:
+    what = target.info["source"] or f"random {target.info['preset']}"
+    layers = f" ({target.info['num_layers']} layers)" if target.info["layers_truncated"] else ""
+    return (f"trt-gemma bench {kind}: {what}{layers}, {target.info['dtype']}, "
+            f"{env['device_name']}, {env['date_utc']}")
+
+
+def cmd_throughput(args: argparse.Namespace) -> int:
+    from trt_gemma.bench import peers, report, runner, throughput
+    from trt_gemma.bench.workload import describe, load_dataset, synthetic
+    from trt_gemma.runtime.engine import choose_kv_dtype
+
+    peers.check_peers(args.peer)
+    if args.dataset is not None and not Path(args.dataset).is_file():
+        raise ConfigError(f"--dataset {args.dataset}: no such file")
+    target = _load(args)
+    model = target.model
+    if args.dataset is not None:
+        requests = load_dataset(args.dataset, target.tokenizer, model.config.vocab_size)
+        workload = {"kind": "dataset", "dataset": str(args.dataset)}
+    else:
+        requests = synthetic(args.num_requests, args.input_len, args.output_len,
+                             model.config.vocab_size, args.len_spread, args.seed, _bos(target))
+        workload = {"kind": "synthetic", "input_len": args.input_len,
+                    "output_len": args.output_len, "len_spread": args.len_spread,
+                    "seed": args.seed}
+    workload.update(describe(requests))
+    engine = _engine(args, target)
+    runner.check_fits(engine, requests)
+    engine_record = _engine_record(engine)
+    runner.warm_up(engine, requests[0])
+    with _telemetry(model, args.telemetry_interval) as tm:
+        trace = runner.run(engine, requests)
+    kv_itemsize = choose_kv_dtype(model, engine.config.kv_cache_dtype).itemsize
+    res = throughput.results(model, kv_itemsize, requests, trace,
+                             engine.get_stats().num_kv_blocks)
+    del engine  # its KV cache: the peers need the memory
+    gc.collect()
+    env = report.environment(model.device, target.info)
+    out = {"benchmark": "throughput", "environment": env, "target": target.info,
+           "engine": engine_record, "workload": workload, "results": res,
+           "telemetry": tm.summary(), "peers": _run_peers(args, target, requests, res)}
+    path = report.write_json(args.output_json, out)
+    if args.plot:
+        report.plot_throughput(args.plot, trace, tm.samples, _title("throughput", target, env))
+    _print_throughput(res, out["peers"], out["telemetry"])
+    print(f"wrote {path}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _run_peers(args, target, requests, ours: dict) -> dict:
+    import torch
+
+    from trt_gemma.bench import peers
+
+    results = {}
+    for name in args.peer:
+        if name == "transformers":
+            hf = peers.load_transformers(args.source, target.model.dtype, target.model.device)
+            pad = target.tokenizer.pad_id if target.tokenizer is not None else None
+            res = peers.run_transformers(hf, requests, pad if pad is not None else 0)
+            del hf
+        else:
+            why = peers.llama_cpp_skip_reason(args.source)
+            if why is not None:
+                print(f"peer llama.cpp: skipped ({why})")
+                results[name] = {"skipped": why}
+                continue
+            res = peers.run_llama_cpp(args.source, requests, torch.get_num_threads())
+        gc.collect()
+        results[name] = {"results": res, "comparison": peers.compare(ours, res)}
+    return results
+
+
+def _fmt(x: float | None, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x * scale:.1f}{unit}"
+
+
+def _print_throughput(res: dict, peer_results: dict, telemetry: dict) -> None:
+    lat = res["latency_s"]
+    print(f"{res['num_requests']} requests, {res['input_tokens']} prompt + "
+          f"{res['output_tokens']} output tokens in {res['elapsed_s']:.2f} s "
+          f"({res['steps']} steps)")
+    print(f"  {res['requests_per_s']:.2f} req/s, {res['output_tokens_per_s']:.1f} output tok/s, "
+          f"{res['total_tokens_per_s']:.1f} total tok/s")
+    print(f"  latency mean {_fmt(lat['mean'], 1e3, ' ms')}, p50 {_fmt(lat['p50'], 1e3, ' ms')}, "
+          f"p99 {_fmt(lat['p99'], 1e3, ' ms')}; peak KV usage "
+          f"{res['peak_kv_cache_usage'] * 100:.1f}%")
+    bw = res["bandwidth"]
+    if bw["achieved_gbs"] is None:
+        print(f"  bandwidth: n/a ({bw['why']})")
+    else:
+        frac = bw["fraction_of_peak"]
+        print(f"  bandwidth {bw['achieved_gbs']:.0f} GB/s"
+              + (f" = {frac * 100:.1f}% of peak" if frac is not None else f" ({bw['why']})"))
+    if telemetry["why"] is not None:
+        print(f"  telemetry: n/a ({telemetry['why']})")
+    for name, p in peer_results.items():
+        if "comparison" in p:
+            c = p["comparison"]["output_tokens_per_s"]
+            print(f"  vs {name}: {c['peer']:.1f} output tok/s, speedup {c['speedup']:.2f}x")
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from trt_gemma.bench import latency, report, runner
+    from trt_gemma.bench.workload import synthetic
+
+    batch_sizes = latency.parse_batch_sizes(args.batch_sizes)
+    target = _load(args)
+    engine = _engine(args, target)
+    probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
+    runner.check_fits(engine, probe)
+    runner.warm_up(engine, probe[0])
+    with _telemetry(target.model, args.telemetry_interval) as tm:
+        res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
+                                      args.iterations, _bos(target), args.seed)
+    env = report.environment(target.model.device, target.info)
+    out = {"benchmark": "latency", "environment": env, "target": target.info,
+           "engine": _engine_record(engine), "results": res, "telemetry": tm.summary()}
+    for b, r in res.items():
+        print(f"batch {b}: TTFT mean {_fmt(r['ttft_s']['mean'], 1e3, ' ms')} "
+              f"p99 {_fmt(r['ttft_s']['p99'], 1e3, ' ms')}; per token mean "
+              f"{_fmt(r['per_token_s']['mean'], 1e3, ' ms')} p50 "
+              f"{_fmt(r['per_token_s']['p50'], 1e3, ' ms')} p99 "
+              f"{_fmt(r['per_token_s']['p99'], 1e3, ' ms')}")
+    if args.output_json:
+        print(f"wrote {report.write_json(args.output_json, out)}")
+    if args.plot:
+        report.plot_latency(args.plot, traces, tm.samples, _title("latency", target, env))
+        print(f"wrote {args.plot}")
+    sys.stdout.flush()
+    return 0
