@@ -63,6 +63,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache size in GiB")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8 | model")
+    p.add_argument("--greedy-head-max-rows", type=int, default=None,
+                   help="CPU: greedy steps of up to N rows use the int8-screened LM head "
+                        "(default: where it wins; 0 = never, which also skips its ~15 s build "
+                        "for a 262k vocabulary)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
     p.add_argument("--plot", default=None, help="PNG: latency distribution, tokens over time, "
                                                 "telemetry")
@@ -78,7 +82,8 @@ def _device(args: argparse.Namespace):
 def _engine(args: argparse.Namespace, target):
     from trt_gemma.runtime import EngineConfig, LLMEngine
 
-    kw = {"kv_cache_dtype": args.kv_cache_dtype}
+    kw = {"kv_cache_dtype": args.kv_cache_dtype,
+          "greedy_head_max_rows": args.greedy_head_max_rows}
     if args.max_num_seqs is not None:
         kw["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -98,7 +103,8 @@ def _engine_record(engine) -> dict:
             "block_size": c.block_size, "max_model_len": engine.max_model_len,
             "kv_cache_dtype": str(choose_kv_dtype(engine.model, c.kv_cache_dtype))
             .removeprefix("torch."),
-            "num_kv_blocks": list(engine.get_stats().num_kv_blocks)}
+            "num_kv_blocks": list(engine.get_stats().num_kv_blocks),
+            "greedy_head_max_rows": engine.greedy_head_max_rows if engine.greedy_head else 0}
 
 
 def _load(args: argparse.Namespace):
