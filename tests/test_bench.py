@@ -130,13 +130,15 @@ def test_unknown_preset_and_option_errors(tmp_path, capsys):
     one_line_error(capsys, "--num-layers must be in [1, 18]")
     assert bench("latency", "x", "--batch-sizes", "1,a") == 2
     one_line_error(capsys, "--batch-sizes")
+    assert bench("latency", "x", "--peer", "llama.cpp") == 2
+    one_line_error(capsys, "unknown --peer 'llama.cpp'")
 
 
 def test_latency(tiny_gemma3_dir, tmp_path):
     out, png = tmp_path / "l.json", tmp_path / "l.png"
     assert bench("latency", str(tiny_gemma3_dir), "--batch-sizes", "1,3", "--input-len", "7",
-                 "--output-len", "4", "--iterations", "2", "--output-json", str(out),
-                 "--plot", str(png)) == 0
+                 "--output-len", "4", "--iterations", "2", "--peer", "transformers",
+                 "--output-json", str(out), "--plot", str(png)) == 0
     report = json.loads(out.read_text())
     for b in (1, 3):
         r = report["results"][str(b)]
@@ -146,6 +148,12 @@ def test_latency(tiny_gemma3_dir, tmp_path):
         assert 0 < tok["p50"] <= tok["p99"] <= tok["max"]
         # a request's latency is its TTFT plus its 3 token gaps
         assert r["request_latency_s"]["mean"] == pytest.approx(ttft["mean"] + 3 * tok["mean"])
+        peer = report["peers"]["transformers"][str(b)]
+        theirs, cmp = peer["results"], peer["comparison"]
+        assert theirs["per_token_s"] == pytest.approx(
+            (theirs["request_latency_s"] - theirs["ttft_s"]) / 3)
+        assert cmp["ttft_s"]["speedup"] == pytest.approx(theirs["ttft_s"] / ttft["mean"])
+        assert cmp["per_token_s"]["speedup"] == pytest.approx(theirs["per_token_s"] / tok["mean"])
     assert report["environment"]["device_name"] == "cpu"
     assert_png(png)
 

@@ -42,6 +42,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lat.add_argument("--input-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=32)
     lat.add_argument("--iterations", type=int, default=3, help="runs per batch size")
+    lat.add_argument("--peer", action="append", default=[],
+                     help="also measure with: transformers (means of its batched generate)")
     lat.add_argument("--output-json", default=None, help="where to write the results")
     lat.set_defaults(func=cmd_latency)
 
@@ -236,6 +238,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from trt_gemma.bench.workload import synthetic
 
     batch_sizes = latency.parse_batch_sizes(args.batch_sizes)
+    for name in args.peer:
+        if name != "transformers":
+            raise ConfigError(f"bench latency: unknown --peer {name!r}; known: transformers")
     target = _load(args)
     engine = _engine(args, target)
     probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
@@ -244,15 +249,20 @@ def cmd_latency(args: argparse.Namespace) -> int:
     with _telemetry(target.model, args.telemetry_interval) as tm:
         res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
                                       args.iterations, _bos(target), args.seed)
-    env = report.environment(target.model.device, target.info)
-    out = {"benchmark": "latency", "environment": env, "target": target.info,
-           "engine": _engine_record(engine), "results": res, "telemetry": tm.summary()}
     for b, r in res.items():
         print(f"batch {b}: TTFT mean {_fmt(r['ttft_s']['mean'], 1e3, ' ms')} "
               f"p99 {_fmt(r['ttft_s']['p99'], 1e3, ' ms')}; per token mean "
               f"{_fmt(r['per_token_s']['mean'], 1e3, ' ms')} p50 "
               f"{_fmt(r['per_token_s']['p50'], 1e3, ' ms')} p99 "
               f"{_fmt(r['per_token_s']['p99'], 1e3, ' ms')}")
+    env = report.environment(target.model.device, target.info)
+    out = {"benchmark": "latency", "environment": env, "target": target.info,
+           "engine": _engine_record(engine), "results": res, "telemetry": tm.summary(),
+           "peers": {}}
+    if args.peer:
+        del engine
+        gc.collect()
+        out["peers"]["transformers"] = _latency_peer(args, target, batch_sizes, res)
     if args.output_json:
         print(f"wrote {report.write_json(args.output_json, out)}")
     if args.plot:
@@ -260,3 +270,23 @@ def cmd_latency(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     sys.stdout.flush()
     return 0
+
+
+def _latency_peer(args, target, batch_sizes: list[int], ours: dict) -> dict:
+    from trt_gemma.bench import peers
+    from trt_gemma.bench.workload import synthetic
+
+    hf = peers.load_transformers(args.source, target.model.dtype, target.model.device)
+    pad = target.tokenizer.pad_id if target.tokenizer is not None else None
+    out = {}
+    for b in batch_sizes:
+        requests = synthetic(b, args.input_len, args.output_len,
+                             target.model.config.vocab_size, seed=args.seed, bos_id=_bos(target))
+        res = peers.latency_transformers(hf, requests, pad if pad is not None else 0)
+        cmp = peers.compare_latency(ours[str(b)], res)
+        out[str(b)] = {"results": res, "comparison": cmp}
+        print(f"  vs transformers, batch {b}: TTFT {res['ttft_s'] * 1e3:.1f} ms, per token "
+              f"{_fmt(res['per_token_s'], 1e3, ' ms')}; speedup TTFT "
+              f"{_fmt(cmp['ttft_s']['speedup'], 1, 'x')}, per token "
+              f"{_fmt(cmp['per_token_s']['speedup'], 1, 'x')}")
+    return out

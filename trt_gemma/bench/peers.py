@@ -9,6 +9,9 @@
   queue (it has no batched offline API), ``Llama.generate`` stopped after exactly ``output_len``
   tokens (it never stops on EOS by itself).
 
+``bench latency --peer transformers``: per batch, TTFT is a 1-token ``generate`` and the per-token
+latency the rest of a full one divided by its remaining tokens (means only: no per-token times).
+
 ``compare`` puts each figure beside ours: ``speedup`` > 1 means trt-gemma is better (ours / peer
 for rates, peer / ours for latencies).
 """
@@ -76,33 +79,54 @@ def _figures(requests: list[BenchRequest], elapsed: float, latencies: list[float
     }
 
 
-@torch.inference_mode()
-def run_transformers(model, requests: list[BenchRequest], pad_id: int) -> dict:
-    device = model.device
+def _padded(requests: list[BenchRequest], pad_id: int, device: torch.device):
+    """Left-padded [requests, longest prompt] ids and attention mask, on ``device``."""
     width = max(r.input_len for r in requests)
     input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for row, r in enumerate(requests):
         input_ids[row, width - r.input_len:] = torch.tensor(r.prompt_token_ids)
         mask[row, width - r.input_len:] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    new = max(r.output_len for r in requests)
-    model.generate(input_ids[:1, -8:], attention_mask=mask[:1, -8:], max_new_tokens=2,
-                   do_sample=False, pad_token_id=pad_id)  # warm-up
-    _sync(device)
+    return input_ids.to(device), mask.to(device)
+
+
+def _generate(model, input_ids, mask, new: int, pad_id: int) -> float:
+    """Seconds for one greedy ``generate`` of exactly ``new`` tokens per row."""
+    _sync(model.device)
     start = time.perf_counter()
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=pad_id)
-    _sync(device)
+    _sync(model.device)
     elapsed = time.perf_counter() - start
-    generated = out.shape[1] - width
-    if generated != new:
-        raise RuntimeError(f"transformers generated {generated} tokens, expected {new}")
+    if out.shape[1] - input_ids.shape[1] != new:
+        raise RuntimeError(f"transformers generated {out.shape[1] - input_ids.shape[1]} tokens, "
+                           f"expected {new}")
+    return elapsed
+
+
+@torch.inference_mode()
+def run_transformers(model, requests: list[BenchRequest], pad_id: int) -> dict:
+    input_ids, mask = _padded(requests, pad_id, model.device)
+    new = max(r.output_len for r in requests)
+    _generate(model, input_ids[:1, -8:], mask[:1, -8:], 2, pad_id)  # warm-up
+    elapsed = _generate(model, input_ids, mask, new, pad_id)
     useful = sum(r.output_len for r in requests)
     res = _figures(requests, elapsed, [elapsed] * len(requests), None, useful)
     res["generated_tokens"] = len(requests) * new  # padding rows included
     res["ttft_s"] = None  # one batched generate call: no per-token times
     return res
+
+
+@torch.inference_mode()
+def latency_transformers(model, requests: list[BenchRequest], pad_id: int) -> dict:
+    """One batch: TTFT = a 1-token generate; per-token = (the full generate - TTFT) / (n - 1)."""
+    input_ids, mask = _padded(requests, pad_id, model.device)
+    new = max(r.output_len for r in requests)
+    _generate(model, input_ids[:1, -8:], mask[:1, -8:], 2, pad_id)  # warm-up
+    ttft = _generate(model, input_ids, mask, 1, pad_id)
+    full = _generate(model, input_ids, mask, new, pad_id) if new > 1 else ttft
+    return {"ttft_s": ttft, "per_token_s": (full - ttft) / (new - 1) if new > 1 else None,
+            "request_latency_s": full}
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +139,7 @@ def llama_cpp_skip_reason(source: str | None) -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        return "llama-cpp-python is not installed (pip install llama-cpp-python)"
+        return "llama-cpp-python is not installed: pip install llama-cpp-python"
     if source is None or gguf_of(source) is None:
         return "llama.cpp reads GGUF files only: SOURCE is not a .gguf or bundled name"
     return None
@@ -158,4 +182,13 @@ def compare(ours: dict, peer: dict) -> dict:
         a, b = ours["latency_s"][stat], peer["latency_s"][stat]
         out[f"latency_{stat}_s"] = {"trt_gemma": a, "peer": b,
                                     "speedup": b / a if a and b is not None else None}
+    return out
+
+
+def compare_latency(ours: dict, peer: dict) -> dict:
+    """Mean TTFT, per-token and request latency of both sides; ``speedup`` = peer / ours."""
+    out = {}
+    for key in ("ttft_s", "per_token_s", "request_latency_s"):
+        a, b = ours[key]["mean"], peer[key]
+        out[key] = {"trt_gemma": a, "peer": b, "speedup": b / a if a and b is not None else None}
     return out

@@ -35,7 +35,7 @@ class Telemetry:
         try:
             import pynvml
         except ImportError:
-            self.why = "nvidia-ml-py is not installed (pip install nvidia-ml-py)"
+            self.why = "nvidia-ml-py is not installed: pip install nvidia-ml-py"
             return self
         try:
             pynvml.nvmlInit()
