@@ -103,6 +103,7 @@ def test_throughput_dataset(tiny_gemma3_dir, tmp_path):
     ('{"input_ids": [2, 99999], "output_tokens": 4}', "'input_ids' must be in [0, 512)"),
     ('{"text": "hi", "output_tokens": 4}', "needs 'prompt'"),
     ("[1, 2]", "expected a JSON object"),
+    ('{"input_ids": [2, 3], "output_tokens": 300}', "2 prompt + 300 output tokens exceed"),
 ])
 def test_malformed_dataset_line(tiny_gemma3_dir, tmp_path, capsys, line, why):
     data = tmp_path / "bad.jsonl"
@@ -236,3 +237,15 @@ def test_telemetry(monkeypatch):
     assert s["memory_used_mib"]["max"] == 3 * 1024
     assert s["power_w"]["max"] == 100 + 50 * (n - 1)
     assert s["power_w"]["mean"] == pytest.approx(100 + 25 * (n - 1))
+
+
+def test_plots_with_telemetry(tmp_path):
+    from trt_gemma.bench.report import plot_latency, plot_throughput
+    from trt_gemma.bench.runner import Trace
+
+    trace = Trace(elapsed_s=0.3, num_steps=3, token_times={"a": [0.1, 0.2, 0.3], "b": [0.1]},
+                  step_end_s=[0.1, 0.2, 0.3], tokens_after_step=[2, 3, 4])
+    samples = [{"t": t, "sm_clock_mhz": 1980.0, "memory_used_mib": 1.0, "power_w": 300.0,
+                "temperature_c": 50.0, "utilization_pct": 99.0} for t in (0.0, 0.1, 0.2)]
+    assert_png(plot_throughput(tmp_path / "t.png", trace, samples, "t"))
+    assert_png(plot_latency(tmp_path / "l.png", {"1": [trace]}, samples, "l"))

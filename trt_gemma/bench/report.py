@@ -96,6 +96,17 @@ def _figure(panels: int):
     return plt, fig, axes[0]
 
 
+def _hist(ax, values: list[float], bins: int, **kw) -> None:
+    """A histogram that survives (nearly) equal values: numpy refuses bins narrower than the
+    floats' spacing, e.g. token gaps of one shared step time rounded apart by 1e-17."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-9 * max(abs(hi), 1e-9):
+        bins = 1
+    ax.hist(values, bins=bins, **kw)
+
+
 def _telemetry_panel(ax, samples: list[dict[str, float]]) -> None:
     t = [s["t"] for s in samples]
     ax.plot(t, [s["sm_clock_mhz"] for s in samples], label="SM clock (MHz)")
@@ -110,7 +121,7 @@ def _telemetry_panel(ax, samples: list[dict[str, float]]) -> None:
 def plot_throughput(path: str | Path, trace, samples: list[dict[str, float]], title: str) -> Path:
     """Request latency histogram, output tokens over time, and telemetry when there is some."""
     plt, fig, axes = _figure(3 if samples else 2)
-    axes[0].hist(trace.latencies(), bins=30, color="tab:blue")
+    _hist(axes[0], trace.latencies(), 30, color="tab:blue")
     axes[0].set_xlabel("request latency (s)")
     axes[0].set_ylabel("requests")
     axes[0].set_title("latency distribution")
@@ -129,10 +140,10 @@ def plot_latency(path: str | Path, traces: dict, samples: list[dict[str, float]]
     """TTFT and per-token latency distributions per batch size, and telemetry."""
     plt, fig, axes = _figure(3 if samples else 2)
     for b, runs in traces.items():
-        axes[0].hist([x * 1e3 for t in runs for x in t.ttfts()], bins=20, alpha=0.6,
-                     label=f"batch {b}")
-        axes[1].hist([x * 1e3 for t in runs for x in t.inter_token()], bins=30, alpha=0.6,
-                     label=f"batch {b}")
+        _hist(axes[0], [x * 1e3 for t in runs for x in t.ttfts()], 20, alpha=0.6,
+              label=f"batch {b}")
+        _hist(axes[1], [x * 1e3 for t in runs for x in t.inter_token()], 30, alpha=0.6,
+              label=f"batch {b}")
     axes[0].set_xlabel("time to first token (ms)")
     axes[1].set_xlabel("per-token latency (ms)")
     for ax in axes[:2]:

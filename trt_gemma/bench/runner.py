@@ -55,7 +55,8 @@ def check_fits(engine: LLMEngine, requests: list[BenchRequest]) -> None:
     for i, r in enumerate(requests):
         if r.input_len + r.output_len > engine.max_model_len:
             raise ConfigError(
-                f"request {i}: {r.input_len} prompt + {r.output_len} output tokens exceed the "
+                f"{r.origin or f'request {i}'}: {r.input_len} prompt + {r.output_len} output "
+                f"tokens exceed the "
                 f"engine's {engine.max_model_len}-token context (lower --input-len/--output-len "
                 f"or raise --kv-cache-gib)")
 

@@ -24,6 +24,7 @@ from trt_gemma.errors import ConfigError
 class BenchRequest:
     prompt_token_ids: tuple[int, ...]  # the whole prompt, BOS included when there is one
     output_len: int  # tokens to generate exactly (greedy, ignore_eos)
+    origin: str | None = None  # "FILE:LINE" of a dataset request, for error messages
 
     @property
     def input_len(self) -> int:
@@ -102,7 +103,7 @@ def _parse_line(line: str, where: str, tokenizer, vocab_size: int) -> BenchReque
         ids = tokenizer.encode(record["prompt"])
     else:
         raise ConfigError(f"{where}: needs 'prompt' (a string) or 'input_ids' (a list of ids)")
-    return BenchRequest(tuple(ids), out)
+    return BenchRequest(tuple(ids), out, where)
 
 
 def describe(requests: list[BenchRequest]) -> dict:
