@@ -133,6 +133,9 @@ def test_unknown_preset_and_option_errors(tmp_path, capsys):
     one_line_error(capsys, "--batch-sizes")
     assert bench("latency", "x", "--peer", "llama.cpp") == 2
     one_line_error(capsys, "unknown --peer 'llama.cpp'")
+    assert bench("throughput", "--random-weights", "--preset", "gemma-2b", "--peer",
+                 "transformers", "--output-json", out) == 2  # refused before building anything
+    one_line_error(capsys, "--peer transformers needs a checkpoint SOURCE")
 
 
 def test_latency(tiny_gemma3_dir, tmp_path):

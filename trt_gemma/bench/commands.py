@@ -142,7 +142,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     from trt_gemma.bench.workload import describe, load_dataset, synthetic
     from trt_gemma.runtime.engine import choose_kv_dtype
 
-    peers.check_peers(args.peer)
+    peers.check_peers(args.peer, args.source)
     if args.dataset is not None and not Path(args.dataset).is_file():
         raise ConfigError(f"--dataset {args.dataset}: no such file")
     target = _load(args)
@@ -234,13 +234,11 @@ def _print_throughput(res: dict, peer_results: dict, telemetry: dict) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from trt_gemma.bench import latency, report, runner
+    from trt_gemma.bench import latency, peers, report, runner
     from trt_gemma.bench.workload import synthetic
 
     batch_sizes = latency.parse_batch_sizes(args.batch_sizes)
-    for name in args.peer:
-        if name != "transformers":
-            raise ConfigError(f"bench latency: unknown --peer {name!r}; known: transformers")
+    peers.check_peers(args.peer, args.source, known=("transformers",))
     target = _load(args)
     engine = _engine(args, target)
     probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)

@@ -32,10 +32,22 @@ RATES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
 LATENCIES = ("mean", "p50", "p99")
 
 
-def check_peers(names: list[str]) -> None:
+def check_peers(names: list[str], source: str | None, known: tuple[str, ...] = PEERS) -> None:
+    """Before anything runs: every peer is known, and transformers has a checkpoint to read."""
     for name in names:
-        if name not in PEERS:
-            raise ConfigError(f"unknown --peer {name!r}; known: {', '.join(PEERS)}")
+        if name not in known:
+            raise ConfigError(f"unknown --peer {name!r}; known: {', '.join(known)}")
+    if "transformers" in names:
+        _transformers_source(source)
+
+
+def _transformers_source(source: str | None) -> str:
+    from trt_gemma.loader import is_engine_dir
+
+    if source is None or is_engine_dir(source):
+        raise ConfigError("--peer transformers needs a checkpoint SOURCE (HF dir, .gguf or "
+                          "bundled name): it cannot read random weights or an engine dir")
+    return source
 
 
 def gguf_of(source: str) -> Path | None:
@@ -48,11 +60,7 @@ def gguf_of(source: str) -> Path | None:
 
 
 def load_transformers(source: str | None, dtype: torch.dtype, device: torch.device):
-    from trt_gemma.loader import is_engine_dir
-
-    if source is None or is_engine_dir(source):
-        raise ConfigError("--peer transformers needs a checkpoint SOURCE (HF dir, .gguf or "
-                          "bundled name): it cannot read random weights or an engine dir")
+    source = _transformers_source(source)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
