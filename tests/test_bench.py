@@ -215,6 +215,7 @@ class _FakeNvml(types.ModuleType):
     def nvmlInit(self): pass
     def nvmlShutdown(self): pass
     def nvmlDeviceGetHandleByIndex(self, i): return i
+    def nvmlDeviceGetHandleByUUID(self, uuid): return uuid
     def nvmlDeviceGetName(self, h): return b"Fake GPU"
     def nvmlDeviceGetClockInfo(self, h, kind): return 1980
     def nvmlDeviceGetMemoryInfo(self, h): return types.SimpleNamespace(used=3 * 2**30)
@@ -231,7 +232,7 @@ def test_telemetry(monkeypatch):
     s = tm.summary()
     assert s["why"] == "no CUDA device" and all(s[m] is None for m in telemetry.METRICS)
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
-    with telemetry.Telemetry(0, interval_s=0.01) as tm:
+    with telemetry.Telemetry(0, interval_s=0.01, device_uuid="GPU-1234") as tm:
         time.sleep(0.1)
     s = tm.summary()
     n = s["samples"]

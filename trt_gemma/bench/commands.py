@@ -125,9 +125,14 @@ def _bos(target) -> int | None:
 def _telemetry(model, interval: float):
     from trt_gemma.bench.telemetry import Telemetry
 
-    cuda = model.device.type == "cuda"
-    index = (model.device.index or 0) if cuda else None
-    return Telemetry(index, interval)
+    import torch
+
+    if model.device.type != "cuda":
+        return Telemetry(None, interval)
+    index = model.device.index if model.device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    uuid = None if uuid is None else "GPU-" + str(uuid).removeprefix("GPU-")
+    return Telemetry(index, interval, uuid)
 
 
 def _title(kind: str, target, env: dict) -> str:
@@ -160,7 +165,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     engine = _engine(args, target)
     runner.check_fits(engine, requests)
     engine_record = _engine_record(engine)
-    runner.warm_up(engine, requests[0])
+    runner.warm_up(engine, requests)
     with _telemetry(model, args.telemetry_interval) as tm:
         trace = runner.run(engine, requests)
     kv_itemsize = choose_kv_dtype(model, engine.config.kv_cache_dtype).itemsize
@@ -243,7 +248,6 @@ def cmd_latency(args: argparse.Namespace) -> int:
     engine = _engine(args, target)
     probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
     runner.check_fits(engine, probe)
-    runner.warm_up(engine, probe[0])
     with _telemetry(target.model, args.telemetry_interval) as tm:
         res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
                                       args.iterations, _bos(target), args.seed)

@@ -1,12 +1,14 @@
 """``bench latency``: time to first token and per-token latency at small batch sizes.
 
 For each batch size B, B requests of the same lengths are submitted at once (``iterations``
-times, after one warm-up request); TTFT is submission to a request's first token, per-token
-latency the gap between its consecutive tokens (the decode step time as a user sees it).
+times, after an untimed warm-up of the same shape); TTFT is submission to a request's first
+token, per-token latency the gap between its consecutive tokens (the decode step time as a user
+sees it).
 """
 
 from __future__ import annotations
 
+from trt_gemma.bench import runner
 from trt_gemma.bench.runner import Trace, run, summary
 from trt_gemma.bench.workload import synthetic
 from trt_gemma.errors import ConfigError
@@ -31,6 +33,8 @@ def measure(engine: LLMEngine, batch_sizes: list[int], input_len: int, output_le
     vocab = engine.model.config.vocab_size
     results, traces = {}, {}
     for b in batch_sizes:
+        # untimed: the batch's shapes once (kernel compilation, CUDA-graph buffers)
+        runner.warm_up(engine, synthetic(b, input_len, output_len, vocab, bos_id=bos_id))
         runs: list[Trace] = []
         for it in range(iterations):
             requests = synthetic(b, input_len, output_len, vocab, seed=seed + it, bos_id=bos_id)

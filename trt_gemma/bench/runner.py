@@ -61,9 +61,17 @@ def check_fits(engine: LLMEngine, requests: list[BenchRequest]) -> None:
                 f"or raise --kv-cache-gib)")
 
 
-def warm_up(engine: LLMEngine, request: BenchRequest) -> None:
-    """One short request first: lazy initialisation (threads, kernels, graphs) is not measured."""
-    engine.add_request("warmup", list(request.prompt_token_ids[:8]), params(2))
+def warm_up(engine: LLMEngine, requests: list[BenchRequest], seed: int = 1 << 20) -> None:
+    """Untimed first: up to 4 requests of the first requests' prompt lengths, 2 tokens each,
+    so lazy initialisation (threads, kernel compilation per shape) is not measured. Their
+    prompts are fresh random ids: a copy would leave the timed run prefix-cache hits."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = engine.model.config.vocab_size
+    for i, r in enumerate(requests[:4]):
+        ids = [r.prompt_token_ids[0], *(rng.randrange(vocab) for _ in range(r.input_len - 1))]
+        engine.add_request(f"warmup{i}", ids, params(2))
     while engine.has_unfinished_requests():
         engine.step()
 

@@ -8,6 +8,7 @@ microseconds and run off the engine's thread, so sampling does not slow the run 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -17,8 +18,12 @@ METRICS = ("sm_clock_mhz", "memory_used_mib", "power_w", "temperature_c", "utili
 class Telemetry:
     """``with Telemetry(device_index) as tm: ...``; then ``tm.summary()`` and ``tm.samples``."""
 
-    def __init__(self, device_index: int | None, interval_s: float = 0.1):
+    def __init__(self, device_index: int | None, interval_s: float = 0.1,
+                 device_uuid: str | None = None):
         self.device_index = device_index  # None: no CUDA device, nothing is sampled
+        # "GPU-...": NVML numbers every GPU of the machine, CUDA only the visible ones
+        # (CUDA_VISIBLE_DEVICES), so the UUID is what names the same device to both
+        self.device_uuid = device_uuid
         self.interval_s = interval_s
         self.samples: list[dict[str, float]] = []  # {"t": s since start, metric: value, ...}
         self.why: str | None = None
@@ -39,7 +44,12 @@ class Telemetry:
             return self
         try:
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
+            self._handle = None
+            if self.device_uuid is not None:
+                with contextlib.suppress(pynvml.NVMLError):
+                    self._handle = pynvml.nvmlDeviceGetHandleByUUID(self.device_uuid)
+            if self._handle is None:
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
             name = pynvml.nvmlDeviceGetName(self._handle)
             self.device_name = name.decode() if isinstance(name, bytes) else name
         except pynvml.NVMLError as e:
