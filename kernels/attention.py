@@ -41,28 +41,11 @@ from .attention_jit import (
     _write_kv_kernel,
 )
 from .compile_spec import KernelSpec
+from .checks import check_tensor as _check
 from .reference import FP8_DTYPE, Scale
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-
-
-def _check(name: str, t, desc: str, shape: tuple, dtypes: tuple, device: torch.device) -> None:
-    """Raise ValueError naming `name` unless t is a tensor of `shape` (None = any) on `device`."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor {desc}, got {type(t).__name__}")
-    want = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-    if t.dim() != len(shape) or any(
-        d is not None and d != n for d, n in zip(shape, t.shape, strict=True)
-    ):
-        raise ValueError(f"{name}: expected shape {desc} = {want}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name}: expected dtype in ({names}), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (that of q/k), got {t.device}")
-    if t.numel() and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1)")
 
 
 def _check_options(head_dim: int, sliding_window, softcap) -> None:

@@ -20,31 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_tensor as _check
 from .compile_spec import KernelSpec
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Hidden sizes of the Gemma models we ship recipes for (gemma-3-270m .. gemma-3-27b).
 HIDDEN_SIZES = (640, 1152, 2048, 2304, 2560, 3072, 3584, 3840, 4608, 5376)
-
-
-def _check(name: str, t, desc: str, shape: tuple, dtypes: tuple, device) -> None:
-    """Raise ValueError naming `name` unless t is a tensor of `shape` (None = any size) and one of
-    `dtypes` on `device`, with a contiguous last dimension (other strides are free)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor {desc}, got {type(t).__name__}")
-    want = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-    if t.dim() != len(shape) or any(
-        d is not None and d != n for d, n in zip(shape, t.shape, strict=True)
-    ):
-        raise ValueError(f"{name}: expected shape {desc} = {want}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name}: expected dtype in ({names}), got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
-    if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1)")
 
 
 def _check_eps(eps) -> None:
