@@ -47,6 +47,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lat.add_argument("--output-json", default=None, help="where to write the results")
     lat.set_defaults(func=cmd_latency)
 
+    g = sub.add_parser("gpu-suite", help="GPU tests, CUDA-graph check, kernels, throughput and "
+                                         "latency per preset and quant mode, in a time budget")
+    from trt_gemma.bench.gpu_suite import add_arguments
+
+    add_arguments(g)
+    g.set_defaults(func=cmd_gpu_suite)
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None,
@@ -272,6 +279,12 @@ def cmd_latency(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     sys.stdout.flush()
     return 0
+
+
+def cmd_gpu_suite(args: argparse.Namespace) -> int:
+    from trt_gemma.bench import gpu_suite
+
+    return gpu_suite.run(args)
 
 
 def _latency_peer(args, target, batch_sizes: list[int], ours: dict) -> dict:
