@@ -19,7 +19,8 @@ GiB = 1 << 30
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("bench", help="offline throughput and latency benchmarks")
-    sub = p.add_subparsers(dest="bench_command", required=True, metavar="{throughput,latency}")
+    sub = p.add_subparsers(dest="bench_command", required=True,
+                           metavar="{throughput,latency,serve,gpu-suite}")
 
     t = sub.add_parser("throughput", help="all requests at once: requests/s, tokens/s, latency, "
                                           "KV usage, memory bandwidth")
@@ -47,12 +48,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lat.add_argument("--output-json", default=None, help="where to write the results")
     lat.set_defaults(func=cmd_latency)
 
+    from trt_gemma.bench.serve import add_arguments as add_serve_arguments
+
+    srv = sub.add_parser("serve", help="online: a sweep of concurrencies or request rates "
+                                       "against an OpenAI-compatible URL (TTFT, ITL, goodput)")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
+
     g = sub.add_parser("gpu-suite", help="GPU tests, CUDA-graph check, kernels, throughput and "
                                          "latency per preset and quant mode, in a time budget")
     from trt_gemma.bench.gpu_suite import add_arguments
 
     add_arguments(g)
     g.set_defaults(func=cmd_gpu_suite)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from trt_gemma.bench.serve import run
+
+    return run(args)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
