@@ -1,8 +1,9 @@
-"""``trt-gemma bench throughput | latency``, registered into ``trt-gemma`` by trt_gemma/cli.py.
+"""``trt-gemma bench throughput | latency | serve | gpu-suite``, registered by trt_gemma/cli.py.
 
-``bench`` is a command group: ``serve`` (online, against a URL) and ``gpu-suite`` can join
-``throughput`` and ``latency`` as further subparsers here. Options are validated after parsing
-(one-line errors, exit 2), like every other command's.
+``bench`` is a command group: ``throughput`` and ``latency`` run the engine in-process,
+``serve`` sweeps an OpenAI-compatible URL (trt_gemma/bench/serve.py), ``gpu-suite`` runs the
+GPU checks. Options are validated after parsing (one-line errors, exit 2), like every
+other command's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ GiB = 1 << 30
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench", help="offline throughput and latency benchmarks")
+    p = subparsers.add_parser("bench", help="throughput, latency and serving benchmarks")
     sub = p.add_subparsers(dest="bench_command", required=True,
                            metavar="{throughput,latency,serve,gpu-suite}")
 
