@@ -55,6 +55,7 @@ BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "int4": 0.5}
 THROUGHPUT = {"num_requests": 64, "input_len": 128, "output_len": 128}
 LATENCY = {"batch_sizes": [1, 8], "input_len": 128, "output_len": 32, "iterations": 2}
 GRAPH_CHECK_PRESET = "gemma-3-270m"
+NUM_LAYERS: int | None = None  # decoder layers of the model steps; None = the preset's all
 KERNEL_ARGS = ["--batches", "1,64", "--contexts", "2048,8192"]
 NO_CUDA = "no CUDA device: gpu-suite measures a GPU; see --dry-run"
 
@@ -261,21 +262,26 @@ def _greedy_ids(engine, prompts: list[list[int]], max_tokens: int) -> list[list[
     return [done[f"g{i}"] for i in range(len(prompts))]
 
 
-def run_cuda_graph_check(step: Step, left: float) -> dict:
+def _engine(model, **kw):
+    """The engine's defaults (CUDA graphs on); greedy_head_max_rows=0 only skips a CPU-only
+    LM-head build, so the CPU tests of this module stay fast: it changes nothing on a GPU."""
+    from trt_gemma.runtime import EngineConfig, LLMEngine
+
+    return LLMEngine(model, None, EngineConfig(greedy_head_max_rows=0, **kw))
+
+
+def run_cuda_graph_check(step: Step, left: float, device: str = "cuda") -> dict:
     """Greedy token ids with CUDA graphs vs eager, batches of 6 (a padded graph size) and 1."""
     import random
 
-    from trt_gemma.runtime import EngineConfig, LLMEngine
-
-    target = quantized_random_target(GRAPH_CHECK_PRESET, "none", "cuda")
+    target = quantized_random_target(GRAPH_CHECK_PRESET, "none", device, NUM_LAYERS)
     rng = random.Random(0)
     vocab = target.model.config.vocab_size
     batches = [[[2, *(rng.randrange(4, vocab) for _ in range(n))] for n in (5, 9, 17, 30, 41, 64)],
                [[2, *(rng.randrange(4, vocab) for _ in range(12))]]]
     ids, captured = {}, None
     for eager in (True, False):
-        engine = LLMEngine(target.model, None, EngineConfig(enforce_eager=eager,
-                                                            kv_cache_memory=1 << 30))
+        engine = _engine(target.model, enforce_eager=eager, kv_cache_memory=1 << 30)
         if not eager:
             graphs = engine.runner.graphs
             captured = None if graphs is None else list(graphs.batch_sizes)
@@ -318,19 +324,18 @@ def run_kernels(step: Step, left: float, out_path: Path) -> dict:
             "peaks": data["peaks"], "best_roofline": best, "results": data["results"]}
 
 
-def run_throughput(step: Step, left: float, plot_dir: Path) -> dict:
+def run_throughput(step: Step, left: float, plot_dir: Path, device: str = "cuda") -> dict:
     from trt_gemma.bench import report, runner, throughput
     from trt_gemma.bench.commands import _engine_record, _telemetry
     from trt_gemma.bench.workload import synthetic
-    from trt_gemma.runtime import LLMEngine
     from trt_gemma.runtime.engine import choose_kv_dtype
 
-    target = quantized_random_target(step.preset, step.quant, "cuda")
+    target = quantized_random_target(step.preset, step.quant, device, NUM_LAYERS)
     model = target.model
     w = THROUGHPUT
     requests = synthetic(w["num_requests"], w["input_len"], w["output_len"],
                          model.config.vocab_size, 0.0, 0, model.config.bos_token_id)
-    engine = LLMEngine(model, None)
+    engine = _engine(model)
     runner.check_fits(engine, requests)
     record = _engine_record(engine)
     runner.warm_up(engine, requests)
@@ -346,16 +351,15 @@ def run_throughput(step: Step, left: float, plot_dir: Path) -> dict:
             "plot": str(plot)}
 
 
-def run_latency(step: Step, left: float, plot_dir: Path) -> dict:
+def run_latency(step: Step, left: float, plot_dir: Path, device: str = "cuda") -> dict:
     from trt_gemma.bench import latency, report, runner
     from trt_gemma.bench.commands import _engine_record, _telemetry
     from trt_gemma.bench.workload import synthetic
-    from trt_gemma.runtime import LLMEngine
 
-    target = quantized_random_target(step.preset, step.quant, "cuda")
+    target = quantized_random_target(step.preset, step.quant, device, NUM_LAYERS)
     model = target.model
     w = LATENCY
-    engine = LLMEngine(model, None)
+    engine = _engine(model)
     runner.check_fits(engine, synthetic(1, w["input_len"], w["output_len"],
                                         model.config.vocab_size))
     with _telemetry(model, 0.1) as tm:
