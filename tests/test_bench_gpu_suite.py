@@ -176,7 +176,8 @@ def test_real_run_writes_one_json_named_by_device_and_date(tmp_path, monkeypatch
         monkeypatch.setattr(gpu_suite, fn, fake(kind))
     assert gpu_suite_cli("--presets", "gemma-2b", "--quant", "fp8", "--minutes", "60",
                          "--output-dir", str(tmp_path)) == 0
-    path = tmp_path / f"gpu-nvidia-h200-{datetime.date.today().isoformat()}.json"
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    path = tmp_path / f"gpu-nvidia-h200-{today}.json"
     report_json = json.loads(path.read_text())
     names = ["gpu-tests", "cuda-graph", "kernels", "throughput-gemma-2b-fp8",
              "latency-gemma-2b-fp8"]
@@ -186,6 +187,7 @@ def test_real_run_writes_one_json_named_by_device_and_date(tmp_path, monkeypatch
     assert [s["kind"] for s in report_json["steps"]] == ["t", "g", "k", "tp", "l"]
     assert report_json["environment"] == {"device": "cuda"}
     assert report_json["budget_s"] == 3600
+    assert report_json["options"]["presets"] == "gemma-2b"
     assert set(report_json["quant_modes"]) == {"fp8"} and "per-output-channel" in \
         report_json["quant_modes"]["fp8"]
     assert "calibration" in report_json["not_run"]["int4-awq"]
@@ -198,6 +200,8 @@ def test_pytest_counts_and_gpu_test_files():
     assert gpu_suite.pytest_counts(out) == {"passed": 3, "failed": 1, "skipped": 2, "errors": 1,
                                             "deselected": 0}
     assert gpu_suite.pytest_counts("no tests ran in 0.01s")["passed"] == 0
+    assert gpu_suite._first_diff([5, 6, 7], [5, 6, 8]) == 2
+    assert gpu_suite._first_diff([5, 6], [5, 6, 7]) == 2
     files = {p.name for p in gpu_suite.gpu_test_files(gpu_suite.ROOT / "tests")}
     assert "test_kernels_attention.py" in files  # its kernels tests need CUDA
     assert "test_bench_gpu_suite.py" not in files and "test_tokenizer.py" not in files

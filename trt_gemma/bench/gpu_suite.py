@@ -185,7 +185,7 @@ def run_gpu_tests(step: Step, left: float) -> dict:
     files = gpu_test_files(ROOT / "tests") if (ROOT / "tests").is_dir() else []
     if not files:
         return {"status": "skipped", "why": f"no GPU test files under {ROOT / 'tests'}"}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels
+    env = _real_kernels_env()
     timeout = min(left, 2 * step.estimate_s)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
            *map(str, files)]
@@ -216,6 +216,7 @@ def quantized_random_target(preset_name: str, quant: str, device: str, num_layer
     from trt_gemma.quant import Fp8Weight, Int4Weight, quantize_fp8, quantize_int4_rtn
     from trt_gemma.quant.runtime import prepare_for_device
 
+    _free()  # a failed step's model may still be waiting for the collector
     full = preset(preset_name)
     config = truncated(full, num_layers)
     dtype = torch.bfloat16
@@ -289,12 +290,24 @@ def run_cuda_graph_check(step: Step, left: float, device: str = "cuda") -> dict:
         del engine
         _free()
     equal = ids[True] == ids[False]
-    mismatched = [f"batch {b} request {i}" for b, (e, g) in enumerate(zip(ids[True], ids[False]))
+    # Where each differing request first diverged: late divergence after many equal tokens points
+    # at bf16 rounding (a padded graph batch may pick another GEMM or split count), an early one
+    # at a replay bug.
+    mismatched = [{"batch": b, "request": i, "first_diff": _first_diff(x, y)}
+                  for b, (e, g) in enumerate(zip(ids[True], ids[False]))
                   for i, (x, y) in enumerate(zip(e, g)) if x != y]
     return {"status": "ok" if equal and captured else "failed", "preset": GRAPH_CHECK_PRESET,
             "token_ids_equal": equal, "mismatched": mismatched, "graph_batch_sizes": captured,
             "requests": [len(b) for b in batches], "max_tokens": 24,
             **({} if captured else {"why": "no CUDA graphs were captured"})}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _real_kernels_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def run_kernels(step: Step, left: float, out_path: Path) -> dict:
@@ -303,10 +316,13 @@ def run_kernels(step: Step, left: float, out_path: Path) -> dict:
     script = ROOT / "benchmarks" / "kernels.py"
     if not script.is_file():
         return {"status": "skipped", "why": f"{script} not found (no source tree)"}
+    out_path = out_path.resolve()  # the subprocess runs in the source tree
+    out_path.unlink(missing_ok=True)  # never read an earlier run's file
     timeout = min(left, 2 * step.estimate_s)
     cmd = [sys.executable, str(script), *KERNEL_ARGS, "--out", str(out_path)]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_real_kernels_env(), capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0 or not out_path.is_file():
@@ -410,7 +426,8 @@ def run(args: argparse.Namespace, cuda_available: Callable[[], bool] | None = No
     from trt_gemma.bench import report
 
     name = torch.cuda.get_device_name()
-    stem = f"gpu-{device_slug(name)}-{datetime.date.today().isoformat()}"
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    stem = f"gpu-{device_slug(name)}-{today}"
     out_dir = Path(args.output_dir)
     plot_dir = out_dir / stem
     runners: dict[str, Runner] = {
@@ -420,7 +437,9 @@ def run(args: argparse.Namespace, cuda_available: Callable[[], bool] | None = No
         "throughput": lambda s, left: run_throughput(s, left, plot_dir),
         "latency": lambda s, left: run_latency(s, left, plot_dir),
     }
-    header = {"suite": "gpu-suite", "command": " ".join(["trt-gemma", *sys.argv[1:]]),
+    header = {"suite": "gpu-suite",
+              "options": {"minutes": args.minutes, "presets": args.presets, "quant": args.quant,
+                          "output_dir": args.output_dir},
               "environment": report.environment(torch.device("cuda"),
                                                 {"quant": None, "dtype": "bfloat16"}),
               "presets": presets, "quant_modes": {q: QUANT_NOTES[q] for q in quants},
