@@ -12,20 +12,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+from server_process import free_port, running_server  # noqa: E402
 
 from trt_gemma.cli import main  # noqa: E402
 
@@ -34,41 +31,13 @@ PERCENTILES = ("mean", "p50", "p90", "p99")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_gemma3_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "trt_gemma.cli", "serve", str(tiny_gemma3_dir), "--port",
-           str(port), "--max-num-seqs", "4", "--log-level", "warning", "--shutdown-timeout", "5"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /health in {STARTUP_TIMEOUT_S} s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+    args = ["--max-num-seqs", "4", "--log-level", "warning", "--shutdown-timeout", "5"]
+    with running_server(str(tiny_gemma3_dir), args, log, threads=1,
+                        startup_timeout_s=STARTUP_TIMEOUT_S) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _bench(url: str, out: Path, *extra: str) -> int:
@@ -127,7 +96,7 @@ def test_malformed_dataset_is_one_line(tmp_path, capsys):
                        + json.dumps({"prompt": "no length"}) + "\n")
     out = tmp_path / "x.json"
     # the dataset is checked before the server is contacted: no server needed
-    rc = _bench(f"http://127.0.0.1:{_free_port()}", out, "--concurrency", "1",
+    rc = _bench(f"http://127.0.0.1:{free_port()}", out, "--concurrency", "1",
                 "--dataset", str(dataset))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
@@ -136,7 +105,7 @@ def test_malformed_dataset_is_one_line(tmp_path, capsys):
 
 
 def test_unreachable_url_is_one_line(tmp_path, capsys):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "x.json"
     rc = _bench(url, out, "--concurrency", "1,2")
     err = capsys.readouterr().err.strip()

