@@ -9,7 +9,7 @@ On CPU: times the PyTorch references at small shapes only: those are NOT kernel 
     python benchmarks/kernels.py --out benchmarks/results/kernels.json
     python benchmarks/kernels.py --models gemma-2-9b --batches 1,64 --contexts 8192 --kernels decode
 
-Peaks come from the device name (table below) or --peak-tbs / --peak-tflops
+Peaks come from the device name (trt_gemma/bench/peaks.py) or --peak-tbs / --peak-tflops
 (env TRT_GEMMA_PEAK_TBS / TRT_GEMMA_PEAK_TFLOPS).
 """
 
@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from trt_gemma.bench.peaks import peak_tbs, peak_tflops
 from trt_gemma.kernels import reference as ref
 
 # name: (num_heads, num_kv_heads, head_dim, sliding_window, softcap); gemma-2-9b's local layers.
@@ -33,30 +34,10 @@ MODELS = {
     "gemma-7b": (16, 16, 256, None, None),
     "gemma-2-9b": (16, 8, 256, 4096, 50.0),
 }
-# Substring of torch.cuda.get_device_name -> (HBM TB/s, dense bf16 TFLOP/s). First match wins.
-PEAKS = [
-    ("H200", 4.8, 989.0),
-    ("H100 PCIe", 2.0, 756.0),
-    ("H100 NVL", 3.9, 835.0),
-    ("H100", 3.35, 989.0),  # SXM
-    ("A100-SXM4-40GB", 1.555, 312.0),
-    ("A100", 2.0, 312.0),
-    ("L40S", 0.864, 362.0),
-    ("L40", 0.864, 181.0),
-    ("L4", 0.3, 121.0),
-    ("RTX 4090", 1.008, 165.0),
-]
-
-
 def device_peaks(name: str, tbs: float | None, tflops: float | None) -> dict:
-    found = next(((bw, fl) for key, bw, fl in PEAKS if key in name), (None, None))
-    tbs = tbs or _env_float("TRT_GEMMA_PEAK_TBS") or found[0]
-    tflops = tflops or _env_float("TRT_GEMMA_PEAK_TFLOPS") or found[1]
-    return {"tbs": tbs, "tflops": tflops}
-
-
-def _env_float(key: str) -> float | None:
-    return float(os.environ[key]) if os.environ.get(key) else None
+    """The device's peaks (trt_gemma.bench.peaks' table, the environment overrides), unless given
+    on the command line."""
+    return {"tbs": tbs or peak_tbs(name), "tflops": tflops or peak_tflops(name)}
 
 
 def time_ms(fn, warmup: int, iters: int, cuda: bool) -> float:

@@ -15,28 +15,13 @@ datasheet HBM bandwidths keyed by device name (``TRT_GEMMA_PEAK_TBS`` overrides 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
 
+from trt_gemma.bench.peaks import peak_tbs
 from trt_gemma.bench.runner import Trace, summary
 from trt_gemma.bench.workload import BenchRequest
-
-# Datasheet peak HBM bandwidth in TB/s (10**12 bytes/s), matched as substrings of the CUDA device
-# name, most specific first (benchmarks/kernels.py keeps the same figures with FLOP peaks).
-PEAK_TBS = (
-    ("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H800", 3.35),
-    ("A100-SXM4-40GB", 1.555), ("A100", 2.0), ("L40S", 0.864), ("L40", 0.864), ("L4", 0.3),
-    ("A10G", 0.6), ("RTX 4090", 1.008),
-)
-
-
-def peak_tbs(device_name: str) -> float | None:
-    if os.environ.get("TRT_GEMMA_PEAK_TBS"):
-        return float(os.environ["TRT_GEMMA_PEAK_TBS"])
-    return next((tbs for key, tbs in PEAK_TBS if key in device_name), None)
-
 
 def _nbytes(obj: Any, seen: set[int]) -> int:
     """Bytes of the tensors in a weight (dense, packed or quantized), each tensor once."""
