@@ -34,7 +34,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--dataset", default=None,
                    help='JSONL: {"prompt": str | "input_ids": [int], "output_tokens": int}')
     t.add_argument("--peer", action="append", default=[],
-                   help="also run the requests with: transformers | llama.cpp (repeatable)")
+                   help="also run the requests with: transformers | llama.cpp | an "
+                        "OpenAI-compatible server's http(s)://HOST:PORT (repeatable)")
+    t.add_argument("--peer-model", default=None,
+                   help="model named in a URL peer's requests (default: its first listed)")
+    t.add_argument("--peer-timeout", type=float, default=600.0,
+                   help="seconds a URL peer has for all the requests")
     t.add_argument("--output-json", required=True, help="where to write the results")
     t.set_defaults(func=cmd_throughput)
 
@@ -169,7 +174,11 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     from trt_gemma.bench.workload import describe, load_dataset, synthetic
     from trt_gemma.runtime.engine import choose_kv_dtype
 
-    peers.check_peers(args.peer, args.source)
+    if args.peer_timeout <= 0:
+        raise ConfigError(f"--peer-timeout must be > 0, got {args.peer_timeout}")
+    servers = peers.check_peers(args.peer, args.source, urls=True, url_model=args.peer_model)
+    if args.peer_model is not None and not servers:
+        raise ConfigError("--peer-model names the model of a URL --peer: none given")
     if args.dataset is not None and not Path(args.dataset).is_file():
         raise ConfigError(f"--dataset {args.dataset}: no such file")
     target = _load(args)
@@ -198,22 +207,36 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     env = report.environment(model.device, target.info)
     out = {"benchmark": "throughput", "environment": env, "target": target.info,
            "engine": engine_record, "workload": workload, "results": res,
-           "telemetry": tm.summary(), "peers": _run_peers(args, target, requests, res)}
+           "telemetry": tm.summary(), "peers": _run_peers(args, target, requests, res, servers)}
     path = report.write_json(args.output_json, out)
     if args.plot:
         report.plot_throughput(args.plot, trace, tm.samples, _title("throughput", target, env))
     _print_throughput(res, out["peers"], out["telemetry"])
     print(f"wrote {path}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
+    failed = [p["error"] for p in out["peers"].values() if "error" in p]
+    for why in failed:
+        print(f"trt-gemma: error: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def _run_peers(args, target, requests, ours: dict) -> dict:
+def _run_peers(args, target, requests, ours: dict, servers: dict) -> dict:
+    """Each peer's figures and comparison; ``servers``: the URL peers check_peers probed."""
     import torch
 
     from trt_gemma.bench import peers
 
     results = {}
     for name in args.peer:
+        if name in servers:
+            server = servers[name]
+            record = {"url": server["url"], "model": server["model"], "models": server["models"]}
+            try:
+                res = peers.run_url(server, requests, args.peer_timeout)
+            except RuntimeError as e:  # ours is measured: keep it, say why the peer is not
+                results[name] = {**record, "error": str(e)}
+                continue
+            results[name] = {**record, "results": res, "comparison": peers.compare(ours, res)}
+            continue
         if name == "transformers":
             hf = peers.load_transformers(args.source, target.model.dtype, target.model.device)
             pad = target.tokenizer.pad_id if target.tokenizer is not None else None
@@ -258,6 +281,16 @@ def _print_throughput(res: dict, peer_results: dict, telemetry: dict) -> None:
         if "comparison" in p:
             c = p["comparison"]["output_tokens_per_s"]
             print(f"  vs {name}: {c['peer']:.1f} output tok/s, speedup {c['speedup']:.2f}x")
+            r = p["results"]
+            if "token_counts_agree" in r and not r["token_counts_agree"]:
+                print(f"  {name}: output tokens disagree: usage {r['usage_output_tokens']} "
+                      f"({r['requests_with_usage']} of {r['num_requests']} requests), streamed "
+                      f"chunks {r['streamed_output_tokens']}, asked for "
+                      f"{r['requested_output_tokens']}")
+            elif "requested_output_tokens" in r and \
+                    r["output_tokens"] != r["requested_output_tokens"]:
+                print(f"  {name}: {r['output_tokens']} output tokens, asked for "
+                      f"{r['requested_output_tokens']} (does it honour ignore_eos?)")
 
 
 def cmd_latency(args: argparse.Namespace) -> int:

@@ -9,6 +9,13 @@
   queue (it has no batched offline API), ``Llama.generate`` stopped after exactly ``output_len``
   tokens (it never stops on EOS by itself).
 
+- a URL (``http(s)://HOST:PORT``): any OpenAI-compatible server. The same requests (prompt token
+  ids, greedy, ``ignore_eos``, ``max_tokens = output_len``) are streamed to ``/v1/completions``
+  all at once (one connection each) through ``bench serve``'s request function, after one short
+  warm-up request. Output tokens are the server's ``usage`` (``stream_options.include_usage``);
+  the streamed chunks are counted beside them and a disagreement is recorded, not hidden. The
+  server is probed (``GET /v1/models``) by ``check_peers``, before our own run starts.
+
 ``bench latency --peer transformers``: per batch, TTFT is a 1-token ``generate`` and the per-token
 latency the rest of a full one divided by its remaining tokens (means only: no per-token times).
 
@@ -18,8 +25,10 @@ for rates, peer / ours for latencies).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -32,13 +41,33 @@ RATES = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
 LATENCIES = ("mean", "p50", "p99")
 
 
-def check_peers(names: list[str], source: str | None, known: tuple[str, ...] = PEERS) -> None:
-    """Before anything runs: every peer is known, and transformers has a checkpoint to read."""
+def is_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
+
+
+def check_peers(names: list[str], source: str | None, known: tuple[str, ...] = PEERS,
+                urls: bool = False, url_model: str | None = None) -> dict[str, dict]:
+    """Before anything runs: every peer is known, transformers has a checkpoint to read, and (with
+    ``urls``) every URL peer answers ``GET /v1/models``. Returns, per URL peer, its root URL,
+    served models and the model the requests will name (``url_model``, else the first listed)."""
+    from trt_gemma.bench.serve import probe
+
+    servers = {}
     for name in names:
-        if name not in known:
-            raise ConfigError(f"unknown --peer {name!r}; known: {', '.join(known)}")
+        if urls and is_url(name):
+            url = name.rstrip("/")
+            models = probe(url, {})
+            ids = [m.get("id") for m in models]
+            if url_model is not None and url_model not in ids:
+                raise ConfigError(f"--peer-model {url_model!r} is not served by {url}; it serves: "
+                                  f"{', '.join(map(str, ids))}")
+            servers[name] = {"url": url, "models": models, "model": url_model or ids[0]}
+        elif name not in known:
+            extra = " or an http(s):// URL" if urls else ""
+            raise ConfigError(f"unknown --peer {name!r}; known: {', '.join(known)}{extra}")
     if "transformers" in names:
         _transformers_source(source)
+    return servers
 
 
 def _transformers_source(source: str | None) -> str:
@@ -179,6 +208,54 @@ def run_llama_cpp(source: str, requests: list[BenchRequest], threads: int) -> di
         latencies.append(time.perf_counter() - start)
     elapsed = time.perf_counter() - start
     return _figures(requests, elapsed, latencies, ttfts, tokens)
+
+
+async def _url_requests(server: dict, requests: list[BenchRequest], timeout: float):
+    """Seconds for all requests at once, and each one's RequestResult (bounded by ``timeout``)."""
+    import httpx
+
+    from trt_gemma.bench.serve import ServeRequest, one_request
+
+    args = SimpleNamespace(model=server["model"], temperature=0.0, ignore_eos=True)
+    limits = httpx.Limits(max_connections=len(requests),
+                          max_keepalive_connections=len(requests))
+    async with httpx.AsyncClient(base_url=server["url"], limits=limits, timeout=timeout) as http:
+        first = requests[0]
+        warm = ServeRequest(tuple(first.prompt_token_ids[:8]), min(2, first.output_len))
+        await asyncio.wait_for(one_request(http, args, warm), timeout)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.wait_for(asyncio.gather(*(
+            one_request(http, args, ServeRequest(tuple(r.prompt_token_ids), r.output_len))
+            for r in requests)), timeout)
+        return time.perf_counter() - start, results
+
+
+def run_url(server: dict, requests: list[BenchRequest], timeout: float) -> dict:
+    """The same figures as the other peers, from an OpenAI-compatible server (see the module
+    docstring). A failed or timed-out request is a RuntimeError naming the URL."""
+    try:
+        elapsed, results = asyncio.run(_url_requests(server, requests, timeout))
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"peer {server['url']}: no answer to all {len(requests)} requests "
+                           f"within {timeout:g} s") from None
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"peer {server['url']}: {len(failed)} of {len(results)} requests "
+                           f"failed, first: {failed[0]}")
+    streamed = sum(r.streamed_tokens for r in results)
+    with_usage = [r for r in results if r.completion_tokens is not None]
+    usage = sum(r.completion_tokens for r in with_usage) if with_usage else None
+    tokens = sum(r.output_tokens for r in results)  # usage where sent, else the chunks
+    res = _figures(requests, elapsed, [r.e2e for r in results], [r.ttft for r in results],
+                   tokens)
+    res.update({
+        "requested_output_tokens": sum(r.output_len for r in requests),
+        "usage_output_tokens": usage, "streamed_output_tokens": streamed,
+        "requests_with_usage": len(with_usage),
+        "usage_prompt_tokens": sum(r.prompt_tokens or 0 for r in with_usage),
+        "token_counts_agree": usage == streamed and len(with_usage) == len(results),
+    })
+    return res
 
 
 def compare(ours: dict, peer: dict) -> dict:
