@@ -130,18 +130,6 @@ class RotaryPositions:
         return self._cos_sin
 
 
-def rope_cos_sin(
-    positions: torch.Tensor,  # [T] int
-    head_dim: int,
-    base: float,
-    scaling: float,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, 1, head_dim], [T, 1, head_dim]) in dtype
-    """cos and *signed* sin of HF's rotate-half rope (see ``reference.rope_cos_sin_ref``)."""
-    inv_freq = reference.rope_inv_freq(head_dim, base, scaling, positions.device)
-    return reference.rope_cos_sin_ref(positions, inv_freq, dtype)
-
-
 def qk_norm_rope_kv_write(
     qk: torch.Tensor,  # [T, H + Hkv, hd] query heads then key heads, before norm and rope
     v: torch.Tensor,  # [T, Hkv, hd]
@@ -192,13 +180,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, o
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return result if out is None else out.copy_(result)
-
-
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, **kw) -> None:
-    """Store new keys/values into their cache slots (in place)."""
-    if use_triton(k):
-        return _attention_kernels().write_kv_cache(k, v, k_cache, v_cache, slot_mapping, **kw)
-    return reference.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, **kw)
 
 
 # Logits --------------------------------------------------------------------------------------
