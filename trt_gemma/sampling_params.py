@@ -13,6 +13,42 @@ MAX_LOGPROBS = 20  # the most top-N logprobs a request may ask for (OpenAI's cap
 
 
 @dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's name and fields): exactly one of them.
+
+    Only the description lives here, checked for shape; trt_gemma/guided/ compiles it with
+    xgrammar (a schema or grammar that does not compile is refused there, naming the problem).
+    """
+
+    json: str | dict | None = None  # a JSON schema (a dict, or its JSON text)
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # exactly one of these strings
+    grammar: str | None = None  # EBNF (xgrammar's dialect, a superset of GBNF)
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ConfigError("StructuredOutputsParams.choice must be non-empty strings")
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ConfigError("StructuredOutputsParams takes exactly one of json, json_object, "
+                              f"regex, choice, grammar; got {given or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        kinds = ("json", "regex", "choice", "grammar")
+        return next(n for n in kinds if getattr(self, n) is not None)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # samples per prompt; they share the prompt's KV blocks
     temperature: float = 1.0  # 0 = greedy
@@ -31,6 +67,7 @@ class SamplingParams:
     logprobs: int | None = None  # logprob of the sampled token plus this many top alternatives
     prompt_logprobs: int | None = None  # reserved: not computed yet (rejected when set)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # guided decoding (trt_gemma/guided/)
     extra: dict = field(default_factory=dict, compare=False)  # passthrough for callers
 
     def __post_init__(self) -> None:
