@@ -85,9 +85,13 @@ def test_throughput_dataset(tiny_gemma3_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     out = tmp_path / "d.json"
-    assert bench("throughput", str(tiny_gemma3_dir), "--dataset", str(data),
+    assert bench("throughput", str(tiny_gemma3_dir), "--dataset", str(data), "--rounds", "2",
                  "--output-json", str(out)) == 0
     res = json.loads(out.read_text())["results"]
+    rounds = res["rounds"]  # the kept round is the fastest, and the figures are its own
+    assert rounds["count"] == 2 and len(rounds["output_tokens_per_s"]) == 2
+    assert rounds["output_tokens_per_s"][rounds["kept"]] == max(rounds["output_tokens_per_s"])
+    assert res["output_tokens_per_s"] == pytest.approx(max(rounds["output_tokens_per_s"]))
     assert res["output_tokens"] == 3 + 5 + 1
     assert res["output_tokens_per_request"] == [3, 5, 1]
     text = Tokenizer.from_file(str(tiny_gemma3_dir / "tokenizer.json"))

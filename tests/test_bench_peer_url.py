@@ -22,12 +22,14 @@ from trt_gemma.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STARTUP_TIMEOUT_S = 120
+KEY = "peer-secret-key"  # the server requires it: the peer must send it, and never record it
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gemma3_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("peer") / "serve.log"
-    args = ["--max-num-seqs", "4", "--log-level", "warning", "--shutdown-timeout", "5"]
+    args = ["--max-num-seqs", "4", "--log-level", "warning", "--shutdown-timeout", "5",
+            "--api-key", KEY]
     with running_server(str(tiny_gemma3_dir), args, log, threads=1,
                         startup_timeout_s=STARTUP_TIMEOUT_S) as (url, _):
         yield url
@@ -38,8 +40,10 @@ def test_our_server_as_url_peer(server, tiny_gemma3_dir, tmp_path, capsys):
     n, input_len, output_len = 4, 8, 6
     rc = main(["bench", "throughput", str(tiny_gemma3_dir), "--num-requests", str(n),
                "--input-len", str(input_len), "--output-len", str(output_len),
-               "--peer", server + "/", "--peer-timeout", "120", "--output-json", str(out)])
+               "--peer", server + "/", "--peer-timeout", "120", "--peer-api-key", KEY,
+               "--output-json", str(out)])
     assert rc == 0, capsys.readouterr().err
+    assert KEY not in out.read_text()
     report = json.loads(out.read_text())
     ours = report["results"]
     peer = report["peers"][server + "/"]
@@ -87,10 +91,23 @@ def test_unreachable_url_refused_before_our_run(tiny_gemma3_dir, tmp_path, capsy
     assert not out.exists()
 
 
+def test_peer_without_its_api_key_is_refused_before_our_run(server, tiny_gemma3_dir, tmp_path,
+                                                           capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "x.json"
+    rc = main(["bench", "throughput", str(tiny_gemma3_dir), "--peer", server,
+               "--output-json", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "answered HTTP 401" in err[0], err
+    assert not out.exists()
+
+
 def test_peer_model_must_be_served(server, tiny_gemma3_dir, tmp_path, capsys):
     out = tmp_path / "x.json"
     rc = main(["bench", "throughput", str(tiny_gemma3_dir), "--peer", server,
-               "--peer-model", "no-such-model", "--output-json", str(out)])
+               "--peer-api-key", KEY, "--peer-model", "no-such-model",
+               "--output-json", str(out)])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'no-such-model' is not served by" in err[0], err

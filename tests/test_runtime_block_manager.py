@@ -84,6 +84,21 @@ def test_cached_blocks_survive_free_and_are_evicted_lru(full):
     assert full.match_prefix(_seq(range(9), 3)) == 0
 
 
+def test_reset_prefix_cache_forgets_unused_blocks_only(full):
+    a = _seq(range(9), 0)
+    _compute(full, a, 9)
+    full.free(a)  # its 2 full blocks stay cached, unused
+    held = _seq(range(50, 59), 1)
+    _compute(full, held, 9)  # still running: its cached blocks must survive the reset
+    full.reset_prefix_cache()
+    assert full.match_prefix(_seq(range(9), 2)) == 0
+    assert full.pools[0].num_free == 8 - 3
+    again = _seq(range(50, 59), 3)
+    assert full.match_prefix(again) == 8
+    for s in (held, again):
+        full.free(s)
+
+
 def test_prefix_cache_can_be_disabled():
     bm = BlockManager([KVGroup((0,), None, 8)], BS, enable_prefix_caching=False)
     a = _seq(range(12))

@@ -46,22 +46,26 @@ def is_url(name: str) -> bool:
 
 
 def check_peers(names: list[str], source: str | None, known: tuple[str, ...] = PEERS,
-                urls: bool = False, url_model: str | None = None) -> dict[str, dict]:
+                urls: bool = False, url_model: str | None = None,
+                api_key: str | None = None) -> dict[str, dict]:
     """Before anything runs: every peer is known, transformers has a checkpoint to read, and (with
     ``urls``) every URL peer answers ``GET /v1/models``. Returns, per URL peer, its root URL,
-    served models and the model the requests will name (``url_model``, else the first listed)."""
+    served models, the model the requests will name (``url_model``, else the first listed) and
+    the headers to send (``api_key`` as a bearer token; kept out of every report)."""
     from trt_gemma.bench.serve import probe
 
     servers = {}
     for name in names:
         if urls and is_url(name):
             url = name.rstrip("/")
-            models = probe(url, {})
+            headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+            models = probe(url, headers)
             ids = [m.get("id") for m in models]
             if url_model is not None and url_model not in ids:
                 raise ConfigError(f"--peer-model {url_model!r} is not served by {url}; it serves: "
                                   f"{', '.join(map(str, ids))}")
-            servers[name] = {"url": url, "models": models, "model": url_model or ids[0]}
+            servers[name] = {"url": url, "models": models, "model": url_model or ids[0],
+                             "headers": headers}
         elif name not in known:
             extra = " or an http(s):// URL" if urls else ""
             raise ConfigError(f"unknown --peer {name!r}; known: {', '.join(known)}{extra}")
@@ -219,7 +223,8 @@ async def _url_requests(server: dict, requests: list[BenchRequest], timeout: flo
     args = SimpleNamespace(model=server["model"], temperature=0.0, ignore_eos=True)
     limits = httpx.Limits(max_connections=len(requests),
                           max_keepalive_connections=len(requests))
-    async with httpx.AsyncClient(base_url=server["url"], limits=limits, timeout=timeout) as http:
+    async with httpx.AsyncClient(base_url=server["url"], limits=limits, timeout=timeout,
+                                 headers=server.get("headers", {})) as http:
         first = requests[0]
         warm = ServeRequest(tuple(first.prompt_token_ids[:8]), min(2, first.output_len))
         await asyncio.wait_for(one_request(http, args, warm), timeout)  # warm-up

@@ -114,6 +114,15 @@ class BlockPool:
             self.cached[block_hash] = block
             self.block_hash[block] = block_hash
 
+    def forget_unused(self) -> None:
+        """Drop the hashes of cached blocks no sequence holds (they become plain free blocks);
+        blocks in use keep theirs, so a running sequence's later commits stay consistent."""
+        for block in self.evictable:
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+            self.free_uncached.append(block)
+        self.evictable.clear()
+
 
 class BlockManager:
     """Allocates, shares and frees the blocks of every sequence in every group."""
@@ -250,6 +259,12 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = k * bs
         seq.num_hashed_blocks = k
         return k * bs
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix no running sequence uses (vLLM's reset_prefix_cache):
+        a benchmark's second round must not find its first round's prompts cached."""
+        for pool in self.pools:
+            pool.forget_unused()
 
     def commit(self, seq: Sequence) -> None:
         """After a forward: cache newly completed blocks, free blocks out of every window."""
