@@ -32,6 +32,41 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request reached each stage, on the ``time.monotonic()`` clock (vLLM's fields).
+
+    Set by the runtime: arrival when the request is made, first scheduled when the scheduler
+    first admits it, token times when the engine hands out an output that carries new tokens,
+    finished when the last sample ends. None until the stage is reached.
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first scheduled: waiting for a free slot or KV blocks."""
+        return _between(self.arrival_time, self.first_scheduled_time)
+
+    @property
+    def prefill_time(self) -> float | None:
+        """First scheduled to first token: the prompt's forward (all chunks, any recompute)."""
+        return _between(self.first_scheduled_time, self.first_token_time)
+
+    @property
+    def decode_time(self) -> float | None:
+        """First token to finished: generating the rest."""
+        return _between(self.first_token_time, self.finished_time)
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -39,3 +74,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None  # stage times, a snapshot taken with this output

@@ -310,8 +310,10 @@ class LLMEngine:
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             ))
+        first_scheduled = self.scheduler.first_scheduled_times.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             metrics=req.record_tokens(first_scheduled))
 
 
 __all__ = ["LLMEngine", "EngineConfig", "EngineStats", "SequenceStatus"]

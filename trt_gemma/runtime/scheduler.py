@@ -15,6 +15,7 @@ Each step fills a token budget (``max_num_batched_tokens``) under a sequence cap
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,6 +53,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # FCFS; preempted sequences return to the front
         self.running: list[Sequence] = []  # sorted by arrival: the last one is the newest
         self.num_preemptions = 0
+        # request id -> time.monotonic() when its first sequence was first admitted. The engine
+        # moves it into the request's metrics with its first output; a request that leaves
+        # without a token never gets one, so finish() drops it here.
+        self.first_scheduled_times: dict[str, float] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -119,6 +124,8 @@ class Scheduler:
             if fresh:
                 bm.prefix_queried_tokens += seq.num_tokens
                 bm.prefix_hit_tokens += seq.num_computed_tokens
+                if not seq.num_output_tokens:  # not a recompute after preemption
+                    self.first_scheduled_times.setdefault(seq.request_id, time.monotonic())
             bm.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_order)
@@ -161,5 +168,7 @@ class Scheduler:
                 self.block_manager.free(seq)
                 self.waiting.remove(seq)
             seq.status = SequenceStatus.FINISHED
+            if not seq.num_output_tokens:  # aborted before its first token: no output to come
+                self.first_scheduled_times.pop(seq.request_id, None)
         if done:
             self.running = [s for s in self.running if id(s) not in done]

@@ -9,11 +9,14 @@ next token.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from trt_gemma.outputs import RequestMetrics
 from trt_gemma.sampling_params import SamplingParams
 
 
@@ -100,9 +103,25 @@ class Request:
     params: SamplingParams
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)
+    # Stage times; arrival is when the request was made (validated), before it is queued.
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs) and not any(
             s.num_forks_pending for s in self.seqs
         )
+
+    def record_tokens(self, first_scheduled_time: float | None) -> RequestMetrics:
+        """Stamp the times of an output that carries new tokens, and return a copy: outputs
+        cross threads while the request keeps changing. ``first_scheduled_time`` is the
+        scheduler's stamp, taken over with the first output."""
+        m, now = self.metrics, time.monotonic()
+        if m.first_scheduled_time is None:
+            m.first_scheduled_time = first_scheduled_time
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        if m.finished_time is None and self.finished:
+            m.finished_time = now
+        return dataclasses.replace(m)
