@@ -1,4 +1,4 @@
-"""``bench throughput --peer URL``: our own server on the tiny checkpoint as the peer of a run on
+"""``bench throughput --peer URL`` and ``bench latency --peer URL``: our own server on the tiny checkpoint as the peer of a run on
 the same checkpoint, and an unreachable URL refused before our run starts.
 
 The independent references: the token counts we asked for (num_requests * output_len, greedy
@@ -71,6 +71,26 @@ def test_our_server_as_url_peer(server, tiny_gemma3_dir, tmp_path, capsys):
         assert cmp[f"latency_{stat}_s"]["speedup"] == pytest.approx(
             theirs["latency_s"][stat] / ours["latency_s"][stat])
     assert f"vs {server}/:" in capsys.readouterr().out
+
+
+def test_latency_with_our_server_as_url_peer(server, tiny_gemma3_dir, tmp_path, capsys):
+    out = tmp_path / "l.json"
+    rc = main(["bench", "latency", str(tiny_gemma3_dir), "--batch-sizes", "1,2",
+               "--input-len", "6", "--output-len", "5", "--iterations", "1", "--peer", server,
+               "--peer-api-key", KEY, "--peer-timeout", "120", "--output-json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    peer = report["peers"][server]
+    assert peer["url"] == server
+    for b in (1, 2):
+        theirs, cmp = peer[str(b)]["results"], peer[str(b)]["comparison"]
+        assert theirs["output_tokens"] == b * 5  # greedy, ignore_eos: exactly what was asked
+        assert 0 < theirs["ttft_s"] < theirs["request_latency_s"]
+        assert theirs["per_token_s"] > 0
+        ours = report["results"][str(b)]
+        assert cmp["ttft_s"]["speedup"] == pytest.approx(theirs["ttft_s"] / ours["ttft_s"]["mean"])
+        assert cmp["per_token_s"]["speedup"] == pytest.approx(
+            theirs["per_token_s"] / ours["per_token_s"]["mean"])
 
 
 def test_unreachable_url_refused_before_our_run(tiny_gemma3_dir, tmp_path, capsys, monkeypatch):

@@ -57,7 +57,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lat.add_argument("--output-len", type=int, default=32)
     lat.add_argument("--iterations", type=int, default=3, help="runs per batch size")
     lat.add_argument("--peer", action="append", default=[],
-                     help="also measure with: transformers (means of its batched generate)")
+                     help="also measure with: transformers (means of its batched generate), "
+                          "llama.cpp (GGUF sources, batch 1 only) or an OpenAI-compatible URL "
+                          "(each batch sent at once, streamed)")
+    lat.add_argument("--peer-model", default=None,
+                     help="model name for URL peers (default: the first one they list)")
+    lat.add_argument("--peer-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                     help="sent to URL peers as 'Authorization: Bearer KEY' (env OPENAI_API_KEY)")
+    lat.add_argument("--peer-timeout", type=float, default=600.0,
+                     help="seconds a URL peer has for each batch")
     lat.add_argument("--output-json", default=None, help="where to write the results")
     lat.set_defaults(func=cmd_latency)
 
@@ -103,6 +111,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CPU: greedy steps of up to N rows use the int8-screened LM head "
                         "(default: where it wins; 0 = never, which also skips its ~15 s build "
                         "for a 262k vocabulary)")
+    p.add_argument("--cpu-int8-decode-max-rows", type=int, default=0,
+                   help="CPU, bf16: steps of up to N tokens run the decoder's linears on INT8 "
+                        "copies of their weights (W8A16, +0.2%% perplexity on the 270M); 0 = "
+                        "never, the model's own numerics")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
     p.add_argument("--plot", default=None, help="PNG: latency distribution, tokens over time, "
                                                 "telemetry")
@@ -119,7 +131,8 @@ def _engine(args: argparse.Namespace, target):
     from trt_gemma.runtime import EngineConfig, LLMEngine
 
     kw = {"kv_cache_dtype": args.kv_cache_dtype,
-          "greedy_head_max_rows": args.greedy_head_max_rows}
+          "greedy_head_max_rows": args.greedy_head_max_rows,
+          "cpu_int8_decode_max_rows": args.cpu_int8_decode_max_rows}
     if args.max_num_seqs is not None:
         kw["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -140,7 +153,8 @@ def _engine_record(engine) -> dict:
             "kv_cache_dtype": str(choose_kv_dtype(engine.model, c.kv_cache_dtype))
             .removeprefix("torch."),
             "num_kv_blocks": list(engine.get_stats().num_kv_blocks),
-            "greedy_head_max_rows": engine.greedy_head_max_rows if engine.greedy_head else 0}
+            "greedy_head_max_rows": engine.greedy_head_max_rows if engine.greedy_head else 0,
+            "cpu_int8_decode_max_rows": c.cpu_int8_decode_max_rows}
 
 
 def _load(args: argparse.Namespace):
@@ -329,7 +343,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from trt_gemma.bench.workload import synthetic
 
     batch_sizes = latency.parse_batch_sizes(args.batch_sizes)
-    peers.check_peers(args.peer, args.source, known=("transformers",))
+    if args.peer_timeout <= 0:
+        raise ConfigError(f"--peer-timeout must be > 0, got {args.peer_timeout}")
+    servers = peers.check_peers(args.peer, args.source, urls=True, url_model=args.peer_model,
+                                api_key=args.peer_api_key)
     target = _load(args)
     engine = _engine(args, target)
     probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
@@ -350,14 +367,18 @@ def cmd_latency(args: argparse.Namespace) -> int:
     if args.peer:
         del engine
         gc.collect()
-        out["peers"]["transformers"] = _latency_peer(args, target, batch_sizes, res)
+        for name in args.peer:
+            out["peers"][name] = _latency_peer(args, name, servers.get(name), target,
+                                               batch_sizes, res)
     if args.output_json:
         print(f"wrote {report.write_json(args.output_json, out)}")
     if args.plot:
         report.plot_latency(args.plot, traces, tm.samples, _title("latency", target, env))
         print(f"wrote {args.plot}")
     sys.stdout.flush()
-    return 0
+    failed = any("error" in r for p in out["peers"].values() for r in p.values()
+                 if isinstance(r, dict))
+    return 1 if failed else 0
 
 
 def cmd_gpu_suite(args: argparse.Namespace) -> int:
@@ -366,20 +387,42 @@ def cmd_gpu_suite(args: argparse.Namespace) -> int:
     return gpu_suite.run(args)
 
 
-def _latency_peer(args, target, batch_sizes: list[int], ours: dict) -> dict:
+def _latency_peer(args, name: str, server: dict | None, target, batch_sizes: list[int],
+                  ours: dict) -> dict:
+    """Per batch size: the peer's figures and the comparison, or why it was skipped / failed."""
+    import torch
+
     from trt_gemma.bench import peers
     from trt_gemma.bench.workload import synthetic
 
-    hf = peers.load_transformers(args.source, target.model.dtype, target.model.device)
+    if name == "llama.cpp" and (why := peers.llama_cpp_skip_reason(args.source)) is not None:
+        print(f"peer llama.cpp: skipped ({why})")
+        return {"skipped": why}
+    hf = None
+    if name == "transformers":
+        hf = peers.load_transformers(args.source, target.model.dtype, target.model.device)
     pad = target.tokenizer.pad_id if target.tokenizer is not None else None
-    out = {}
+    out: dict = {} if server is None else {"url": server["url"], "model": server["model"]}
     for b in batch_sizes:
         requests = synthetic(b, args.input_len, args.output_len,
                              target.model.config.vocab_size, seed=args.seed, bos_id=_bos(target))
-        res = peers.latency_transformers(hf, requests, pad if pad is not None else 0)
+        if hf is not None:
+            res = peers.latency_transformers(hf, requests, pad if pad is not None else 0)
+        elif server is not None:
+            try:
+                res = peers.latency_url(server, requests, args.peer_timeout)
+            except RuntimeError as e:  # ours is measured: keep it, say why the peer is not
+                out[str(b)] = {"error": str(e)}
+                print(f"trt-gemma: error: {e}", file=sys.stderr)
+                continue
+        elif b != 1:
+            out[str(b)] = {"skipped": "llama-cpp-python decodes one sequence at a time"}
+            continue
+        else:
+            res = peers.latency_llama_cpp(args.source, requests[0], torch.get_num_threads())
         cmp = peers.compare_latency(ours[str(b)], res)
         out[str(b)] = {"results": res, "comparison": cmp}
-        print(f"  vs transformers, batch {b}: TTFT {res['ttft_s'] * 1e3:.1f} ms, per token "
+        print(f"  vs {name}, batch {b}: TTFT {res['ttft_s'] * 1e3:.1f} ms, per token "
               f"{_fmt(res['per_token_s'], 1e3, ' ms')}; speedup TTFT "
               f"{_fmt(cmp['ttft_s']['speedup'], 1, 'x')}, per token "
               f"{_fmt(cmp['per_token_s']['speedup'], 1, 'x')}")

@@ -26,6 +26,7 @@ for rates, peer / ours for latencies).
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,6 +262,32 @@ def run_url(server: dict, requests: list[BenchRequest], timeout: float) -> dict:
         "token_counts_agree": usage == streamed and len(with_usage) == len(results),
     })
     return res
+
+
+def latency_url(server: dict, requests: list[BenchRequest], timeout: float) -> dict:
+    """``requests`` sent at once (a batch) to an OpenAI-compatible server: mean TTFT, time per
+    output token after the first, and request latency, from each streamed reply."""
+    try:
+        _, results = asyncio.run(_url_requests(server, requests, timeout))
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"peer {server['url']}: no answer within {timeout:g} s") from None
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"peer {server['url']}: {failed[0]}")
+    tpots = [r.tpot for r in results if r.tpot is not None]
+    return {"ttft_s": statistics.fmean(r.ttft for r in results),
+            "per_token_s": statistics.fmean(tpots) if tpots else None,
+            "request_latency_s": statistics.fmean(r.e2e for r in results),
+            "output_tokens": sum(r.output_tokens for r in results)}
+
+
+def latency_llama_cpp(source: str, request: BenchRequest, threads: int) -> dict:
+    """One request (llama-cpp-python decodes one sequence at a time): TTFT, per-token, total."""
+    res = run_llama_cpp(source, [request], threads)
+    total, ttft = res["elapsed_s"], res["ttft_s"]["mean"]
+    n = res["output_tokens"]
+    return {"ttft_s": ttft, "per_token_s": (total - ttft) / (n - 1) if n > 1 else None,
+            "request_latency_s": total, "output_tokens": n}
 
 
 def compare(ours: dict, peer: dict) -> dict:
