@@ -1,4 +1,5 @@
-"""The FastAPI app: routes, API-key check, body-size limit, error shapes and the engine's lifetime.
+"""The FastAPI app: routes, API keys, CORS, access log, body-size limit, error shapes and the
+engine's lifetime.
 
 ``create_app`` builds everything from arguments: no module-level state, one metrics registry per
 app, so tests can run several apps in one process. The engine is started in the lifespan (inside
@@ -9,14 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import trt_gemma
+from trt_gemma.outputs import RequestOutput
+from trt_gemma.sampling_params import SamplingParams
+from trt_gemma.server import tokenization
 from trt_gemma.server.chat import create_chat_completion
 from trt_gemma.server.completions import create_completion
 from trt_gemma.server.engine_client import EngineClient
@@ -24,13 +33,36 @@ from trt_gemma.server.errors import error_body, install_error_handlers
 from trt_gemma.server.metrics import ServerMetrics
 from trt_gemma.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from trt_gemma.server.serving import check_model
+from trt_gemma.server.tokenization import (
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token id list is ~1 MiB of JSON
+# Probes and scrapers carry no key; everything else (any route added later too) needs one.
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics"})
+access_logger = logging.getLogger("trt_gemma.server.access")
 
 
-def create_app(client: EngineClient, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    metrics = ServerMetrics(client.stats)
+@dataclass(frozen=True)
+class CORSSettings:
+    """Which browser origins may call the API (FastAPI's CORSMiddleware). No origins: no CORS
+    headers at all, so browsers on other origins are refused, as without CORS support."""
+
+    allowed_origins: tuple[str, ...] = ()  # "*" for any origin
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False  # cookies / Authorization from the browser
+
+
+def create_app(client: EngineClient, model_name: str,
+               api_key: str | Sequence[str] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors: CORSSettings | None = None,
+               access_log: bool = False) -> FastAPI:
+    """api_key: one key or several (any is accepted); access_log: one info line per request."""
+    metrics = ServerMetrics(client.stats, model_name)
+    timed = _StageTimedClient(client, metrics)  # what the generation handlers talk to
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -54,6 +86,18 @@ def create_app(client: EngineClient, model_name: str, api_key: str | None = None
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": trt_gemma.__version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
+        return JSONResponse(tokenization.tokenize(body, client, model_name))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(tokenization.detokenize(body, client, model_name))
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=client.max_model_len)])
@@ -66,17 +110,48 @@ def create_app(client: EngineClient, model_name: str, api_key: str | None = None
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_completion(body, client, metrics, model_name))
+            request, create_completion(body, timed, metrics, model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_chat_completion(body, client, metrics, model_name))
+            request, create_chat_completion(body, timed, metrics, model_name))
 
-    # Outermost first: the size limit runs before auth reads anything, auth before any route.
-    app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # Added innermost first. Outermost: the access log sees every answer (401, 413, preflight);
+    # CORS answers preflights before auth (a browser sends them without credentials) and adds
+    # its headers to errors too; the size limit runs before auth reads anything; auth before
+    # any route.
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+    app.add_middleware(APIKeyMiddleware, api_keys=keys)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    if cors is not None and cors.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors.allowed_origins,
+                           allow_methods=cors.allowed_methods,
+                           allow_headers=cors.allowed_headers,
+                           allow_credentials=cors.allow_credentials)
+    if access_log:
+        app.add_middleware(AccessLogMiddleware)
     return app
+
+
+class _StageTimedClient:
+    """The engine client as the generation handlers see it: each finished engine request's
+    stage times (queue, prefill, decode: ``RequestOutput.metrics``) go into the histograms on
+    the way through; everything else is the client's own."""
+
+    def __init__(self, client: EngineClient, metrics: ServerMetrics):
+        self._client, self._metrics = client, metrics
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        async with aclosing(self._client.generate(prompt_ids, params, request_id)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    self._metrics.observe_stages(getattr(output, "metrics", None))
+                yield output
 
 
 async def _unless_disconnected(request: Request, handler: Awaitable[Response]) -> Response:
@@ -119,18 +194,24 @@ def _json_error(status: int, message: str, code: str | None = None,
 
 
 class APIKeyMiddleware:
-    """``Authorization: Bearer KEY`` on /v1/*, compared in constant time (hmac.compare_digest on
-    bytes, so a non-ASCII header cannot raise). /health and /metrics stay open for probes."""
+    """``Authorization: Bearer KEY`` with any of the keys, on every path but OPEN_PATHS.
 
-    def __init__(self, app: ASGIApp, api_key: str | None):
+    Each key is compared in constant time (hmac.compare_digest on bytes, so a non-ASCII header
+    cannot raise), and all of them every time, so the time taken does not tell which key came
+    closest. OPTIONS passes: a CORS preflight carries no credentials, and routes do nothing on it.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str] = ()):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = [f"Bearer {key}".encode() for key in api_keys if key]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if (not self.expected or scope["type"] != "http" or scope["path"] in OPEN_PATHS
+                or scope["method"] == "OPTIONS"):
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
+        matches = [hmac.compare_digest(given, key) for key in self.expected]
+        if any(matches):
             return await self.app(scope, receive, send)
         await _json_error(401, "invalid or missing API key (Authorization: Bearer <key>)",
                           code="invalid_api_key",
@@ -164,3 +245,36 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class AccessLogMiddleware:
+    """One info line per request once its answer is complete (a stream: when it ends):
+    client, method, path, HTTP version, status and duration. Replaces uvicorn's access log,
+    which has no duration."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500  # if the app raises before answering, the outer error handler sends 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client = scope.get("client")
+            path = scope.get("path", "")
+            if scope.get("query_string"):
+                path += "?" + scope["query_string"].decode("latin-1")
+            access_logger.info('%s - "%s %s HTTP/%s" %d %.1f ms',
+                               f"{client[0]}:{client[1]}" if client else "-", scope["method"],
+                               path, scope.get("http_version", "1.1"), status,
+                               (time.perf_counter() - start) * 1e3)

@@ -3,12 +3,15 @@
 The model is loaded before the port opens, so /health answering at all means "ready". SIGTERM (or
 Ctrl-C) stops accepting connections, lets in-flight requests finish for --shutdown-timeout
 seconds, cancels (and so aborts in the engine) whatever is still running, then stops the engine.
+Every log line (ours, uvicorn's, the access log's) has a timestamp: uvicorn's own logging config
+is replaced by the root logger's format.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -17,6 +20,8 @@ from pathlib import Path
 from trt_gemma.errors import ConfigError
 
 logger = logging.getLogger("trt_gemma.server")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+API_KEY_ENV = "TRT_GEMMA_API_KEY"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +30,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("TRT_GEMMA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env TRT_GEMMA_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on all but /health, /version and "
+                        "/metrics; repeat for several keys, any one is accepted (default: env "
+                        f"{API_KEY_ENV}, a comma-separated list)")
+    p.add_argument("--allowed-origins", default=None, metavar="LIST",
+                   help="CORS: browser origins allowed to call the API, as a JSON list or a comma "
+                        "list ('*' for any; default: none, no CORS headers)")
+    p.add_argument("--allowed-methods", default="*", metavar="LIST",
+                   help="CORS: allowed methods, JSON or comma list (default *)")
+    p.add_argument("--allowed-headers", default="*", metavar="LIST",
+                   help="CORS: allowed request headers, JSON or comma list (default *)")
+    p.add_argument("--allow-credentials", action="store_true",
+                   help="CORS: let browsers send credentials (cookies, Authorization)")
+    p.add_argument("--ssl-keyfile", default=None, help="TLS: the server's private key (PEM)")
+    p.add_argument("--ssl-certfile", default=None, help="TLS: the server's certificate (PEM)")
+    p.add_argument("--ssl-ca-certs", default=None,
+                   help="TLS: CA certificates to verify client certificates with")
+    p.add_argument("--ssl-cert-reqs", type=int, default=0,
+                   help="TLS: client certificates: 0 none, 1 optional, 2 required (Python's "
+                        "ssl.CERT_* values; default 0)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the source's name)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -50,6 +73,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=int, default=30,
                    help="seconds in-flight requests may take to finish after SIGTERM")
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
+    p.add_argument("--disable-log-requests", "--disable-access-log", action="store_true",
+                   help="no access log line per request (method, path, status, duration)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -60,10 +85,41 @@ def _check(args: argparse.Namespace) -> None:
         ("--max-body-bytes", args.max_body_bytes >= 1024, "must be >= 1024"),
         ("--shutdown-timeout", args.shutdown_timeout >= 0, "must be >= 0"),
         ("--kv-cache-gib", args.kv_cache_gib is None or args.kv_cache_gib > 0, "must be > 0"),
+        ("--ssl-cert-reqs", args.ssl_cert_reqs in (0, 1, 2), "must be 0, 1 or 2"),
+        ("--log-level", args.log_level.lower() in ("debug", "info", "warning", "error",
+                                                   "critical"),
+         "must be debug, info, warning, error or critical"),
     ]
     for name, ok, why in checks:
         if not ok:
             raise ConfigError(f"{name} {why}, got {getattr(args, name[2:].replace('-', '_'))!r}")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ConfigError("--ssl-keyfile and --ssl-certfile go together (TLS needs both)")
+    for flag in ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs"):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+
+
+def parse_list(flag: str, value: str | None) -> tuple[str, ...]:
+    """A JSON list of strings (vLLM's form) or a comma-separated list; None is empty."""
+    if value is None:
+        return ()
+    if value.lstrip().startswith(("[", "{")):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{flag}: not a JSON list ({e.msg}): {value!r}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{flag}: expected a JSON list of strings, got {value!r}")
+        return tuple(items)
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """--api-key (repeatable), else the comma-separated keys of $TRT_GEMMA_API_KEY."""
+    given = args.api_key or os.environ.get(API_KEY_ENV, "").split(",")
+    return list(dict.fromkeys(k.strip() for k in given if k.strip()))
 
 
 def _is_loopback(host: str) -> bool:
@@ -87,10 +143,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from trt_gemma.server.app import create_app
+    from trt_gemma.server.app import CORSSettings, create_app
     from trt_gemma.server.engine_client import EngineClient
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    keys = api_keys(args)
+    cors = CORSSettings(parse_list("--allowed-origins", args.allowed_origins),
+                        parse_list("--allowed-methods", args.allowed_methods),
+                        parse_list("--allowed-headers", args.allowed_headers),
+                        args.allow_credentials)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine_config = {"enable_prefix_caching": not args.no_prefix_caching,
                      "kv_cache_dtype": args.kv_cache_dtype,
@@ -101,20 +162,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_config["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.kv_cache_gib is not None:
         engine_config["kv_cache_memory"] = int(args.kv_cache_gib * (1 << 30))
-    if not _is_loopback(args.host) and not args.api_key:
+    if not _is_loopback(args.host) and not keys:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it",
                        args.host)
     client = EngineClient.from_source(args.source, dtype=args.dtype, device=device,
                                       verify=not args.no_verify, max_queue=args.max_queue,
                                       **engine_config)
     name = args.served_model_name or default_model_name(args.source)
-    app = create_app(client, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-    logger.info("serving %s as %r on http://%s:%d (max_model_len %d, max_num_seqs %d)",
-                args.source, name, args.host, args.port, client.max_model_len,
-                client.max_num_seqs)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    app = create_app(client, name, api_key=keys, max_body_bytes=args.max_body_bytes, cors=cors,
+                     access_log=not args.disable_log_requests)
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("serving %s as %r on %s://%s:%d (max_model_len %d, max_num_seqs %d, %d API "
+                "keys, CORS origins %s)", args.source, name, scheme, args.host, args.port,
+                client.max_model_len, client.max_num_seqs, len(keys),
+                ",".join(cors.allowed_origins) or "none")
+    # log_config=None: uvicorn's loggers propagate to the root handler above (timestamps);
+    # its access log is off, ours (with durations) replaces it.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                            log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout,
-                            access_log=args.log_level == "debug")
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down; with the default
     # SIGTERM handler that would kill the process after a clean drain. A no-op handler makes a

@@ -4,7 +4,10 @@ Each app owns its CollectorRegistry (no global default registry), so two apps in
 never collide. Engine gauges and counters are not mirrored into prometheus objects on the hot path:
 a custom collector reads ``EngineStats`` when /metrics is scraped, so the numbers are the engine's
 own and cost nothing between scrapes. Latency histograms are observed by the request handlers,
-which are the only place that sees a token arrive at the client's side of the engine.
+which are the only place that sees a token arrive at the client's side of the engine; the stage
+histograms (queue, prefill, decode) take the engine's own timestamps (``RequestOutput.metrics``)
+of each finished request. Every sample carries a ``model_name`` label (as vLLM's do), added once
+at exposition, so no metric can forget it and the handlers never pass it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from trt_gemma.outputs import RequestMetrics
     from trt_gemma.runtime import EngineStats
 
 
@@ -24,6 +28,9 @@ PREFIX = "trt_gemma"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+# Queue, prefill and decode: from milliseconds (an idle server's queue) to minutes.
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+                 40.0, 60.0, 120.0, 300.0)
 
 
 class _EngineCollector(Collector):
@@ -62,10 +69,27 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
+class _Labelled(Collector):
+    """Every sample of another registry, with constant labels added (prometheus_client has no
+    constant labels of its own)."""
+
+    def __init__(self, source: CollectorRegistry, labels: dict[str, str]):
+        self._source, self._labels = source, labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, **self._labels})
+                           for s in family.samples]
+            yield out
+
+
 class ServerMetrics:
-    def __init__(self, read_stats: Callable[[], EngineStats | None]):
-        self.registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, read_stats: Callable[[], EngineStats | None], model_name: str = ""):
+        self.registry = CollectorRegistry(auto_describe=True)  # the metrics, unlabelled
         self.registry.register(_EngineCollector(read_stats))
+        self.exposed = CollectorRegistry(auto_describe=False)  # the same, with model_name
+        self.exposed.register(_Labelled(self.registry, {"model_name": model_name}))
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "From request arrival to its first generated token", buckets=TTFT_BUCKETS,
@@ -88,9 +112,34 @@ class ServerMetrics:
             f"{PREFIX}_requests_rejected", "Requests answered with an error, by code or status",
             ["reason"], registry=self.registry,
         )
+        self.queue_time = Histogram(
+            f"{PREFIX}_request_queue_time_seconds",
+            "From request arrival to its first scheduling (engine clock)",
+            buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.prefill_time = Histogram(
+            f"{PREFIX}_request_prefill_time_seconds",
+            "From first scheduling to the first token: the prompt's forward (engine clock)",
+            buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.decode_time = Histogram(
+            f"{PREFIX}_request_decode_time_seconds",
+            "From the first token to the request's end (engine clock)",
+            buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+
+    def observe_stages(self, timings: RequestMetrics | None) -> None:
+        """The stage times of one finished engine request (engines without timestamps: none)."""
+        if timings is None:
+            return
+        for histogram, seconds in ((self.queue_time, timings.queue_time),
+                                   (self.prefill_time, timings.prefill_time),
+                                   (self.decode_time, timings.decode_time)):
+            if seconds is not None:
+                histogram.observe(max(0.0, seconds))
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class RequestTimer:
