@@ -8,6 +8,10 @@ Layout::
       weights-00001.safetensors  tensors in shards of about 2 GiB (safetensors only, never pickle)
       tokenizer/                 tokenizer files copied from the source
 
+engine.json also records ``generation_config``: the source's sampling defaults (read from its
+``generation_config.json``, see ``checkpoint/generation.py``), applied to requests that leave a
+field unset, as vLLM does.
+
 Quantized weights are stored as plain tensors. A weight passed to ``write_engine`` as ``X.weight``
 (or any name ``X``) is stored under the prefix ``X``:
 
@@ -138,6 +142,16 @@ class Engine:
     def shards(self) -> list[str]:
         return list(self.metadata["weights"]["shards"])
 
+    @property
+    def generation_config(self) -> dict[str, float | int]:
+        """Sampling defaults recorded at build time ({} for a source without any)."""
+        from trt_gemma.checkpoint.generation import parse_generation_config
+
+        recorded = self.metadata.get("generation_config") or {}
+        # stored under SamplingParams names; max_tokens goes back to its HF name for the parser
+        as_hf = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in recorded.items()}
+        return parse_generation_config(as_hf, f"{self.path / ENGINE_JSON}: generation_config")
+
     def load_tokenizer(self):
         """The ``GemmaTokenizer`` saved in ``tokenizer/`` (by ``GemmaTokenizer.save``)."""
         from trt_gemma.tokenizer import GemmaTokenizer
@@ -266,6 +280,19 @@ def read_engine(path: str | Path, verify: bool = True) -> Engine:
     return engine
 
 
+def generation_defaults(source: str | Path) -> dict[str, float | int]:
+    """The sampling defaults of any model source: an engine dir's recorded ones, an HF
+    directory's generation_config.json, nothing for a .gguf file or a bundled name."""
+    from trt_gemma.checkpoint.generation import read_generation_config
+
+    path = Path(source)
+    if (path / ENGINE_JSON).is_file():
+        return read_engine(path, verify=False).generation_config
+    if path.is_dir():
+        return read_generation_config(path)
+    return {}
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 
@@ -357,13 +384,15 @@ def write_engine(
     tokenizer: str | Path | Iterable[str | Path] | Any | None = None,
     profile: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    generation_config: dict[str, float | int] | None = None,
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
 ) -> Engine:
     """Write an engine directory atomically and return it (read back without re-hashing).
 
     ``tokenizer``: a directory (its known tokenizer files are copied), a list of files, or an
-    object with ``save(directory)`` such as ``GemmaTokenizer``.
+    object with ``save(directory)`` such as ``GemmaTokenizer``. ``generation_config``: sampling
+    defaults under SamplingParams names (``checkpoint.generation.read_generation_config``).
 
     ``tensors`` may be a generator: it is consumed once, streamed to disk shard by shard. If
     anything fails (the generator included) nothing appears at ``target_dir``, and with
@@ -372,7 +401,8 @@ def write_engine(
     target = Path(target_dir)
     _check_target(target, overwrite)
     head = {"format_version": ENGINE_FORMAT_VERSION, "config": config.to_dict(),
-            "quant": quant.to_dict(), "profile": profile}
+            "quant": quant.to_dict(), "profile": profile,
+            "generation_config": dict(generation_config or {})}
     try:  # fail before the long part if a dict will not serialise
         json.dumps({**head, "extra": extra})
     except (TypeError, ValueError) as e:

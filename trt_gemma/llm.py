@@ -2,36 +2,67 @@
 
 All prompts go to one ``runtime.LLMEngine`` at once: it batches them (continuous batching, chunked
 prefill, shared prompt prefixes), so a list of prompts runs much faster than one at a time.
+
+As in vLLM: ``LLM(model=...)`` names the source, ``device="auto"`` is CUDA when there is one,
+``LLM.chat`` renders conversations with the checkpoint's chat format, and a call without
+SamplingParams samples with the checkpoint's generation_config defaults
+(``get_default_sampling_params``).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from trt_gemma.errors import RequestError
+from trt_gemma.engine_dir import generation_defaults
+from trt_gemma.errors import ConfigError, RequestError
 from trt_gemma.loader import load_model
 from trt_gemma.outputs import RequestOutput
 from trt_gemma.runtime import EngineConfig, LLMEngine
 from trt_gemma.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+Message = dict  # {"role": ..., "content": ...} (OpenAI's shape; tool_calls / tool_call_id too)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto': the current CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 class LLM:
-    """A model loaded for generation. ``source``: bundled name, .gguf, HF dir or engine dir.
+    """A model loaded for generation. ``source`` (or ``model=``, vLLM's name for it): bundled
+    name, .gguf, HF dir or engine dir. ``device``: "auto" (CUDA when available), "cuda", "cpu".
     Extra keyword arguments are ``runtime.EngineConfig`` fields (``max_num_seqs``,
     ``kv_cache_memory``, ``enable_prefix_caching``...)."""
 
-    def __init__(self, source: str, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 verify: bool = True, **engine_config):
-        self.model, self.tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
+    def __init__(self, source: str | None = None, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", verify: bool = True, *,
+                 model: str | None = None, **engine_config):
+        if source is not None and model is not None and str(source) != str(model):
+            raise ConfigError(f"LLM: source {source!r} and model {model!r} name two models; "
+                              "pass one")
+        source = source if source is not None else model
+        if source is None:
+            raise ConfigError("LLM: name the model to load (LLM('gemma3-270m') or "
+                              "LLM(model=...))")
+        self.device = resolve_device(device)
+        # read before the weights: a malformed generation_config.json fails at once
+        self.generation_defaults = generation_defaults(source)
+        self.model, self.tokenizer = load_model(source, dtype=dtype, device=self.device,
+                                                verify=verify)
         self.config = self.model.config
-        self.device = torch.device(device)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_config))
         self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config defaults (temperature, top_p,
+        top_k, min_p, repetition_penalty) where it has them; what ``generate(prompts)`` uses."""
+        return SamplingParams(**self.generation_defaults)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -39,7 +70,7 @@ class LLM:
         """One RequestOutput per prompt, in order. A list of params pairs with the prompts."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -69,6 +100,31 @@ class LLM:
                 if request.request_id not in results:
                     self.engine.abort(request.request_id)
         return [results[r.request_id] for r in requests]
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True,
+             tools: Sequence[dict] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or several (a list of such
+        lists), rendered with the checkpoint's chat format; one RequestOutput per conversation.
+        Generation ends at the end of the model's turn. ``tools``: OpenAI-style tool
+        definitions, rendered into the prompt (parsing calls out of the reply is the caller's)."""
+        if self.tokenizer is None:
+            raise RequestError("LLM.chat needs a tokenizer with a chat format")
+        if not messages:
+            raise RequestError("LLM.chat: no messages")
+        first = messages[0]
+        conversations = [messages] if isinstance(first, Mapping) else list(messages)
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            extra = {"tools": tools} if tools else {}
+            try:
+                prompts.append(self.tokenizer.apply_chat_template(
+                    list(conversation), add_generation_prompt, **extra))
+            except ValueError as e:
+                where = f"conversation {i}: " if len(conversations) > 1 else ""
+                raise RequestError(f"LLM.chat: {where}{e}") from e
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion as they are generated (for terminals)."""

@@ -217,6 +217,9 @@ def build_engine(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     config, weights, tokenizer, source_bytes = open_source(source)
+    from trt_gemma.engine_dir import generation_defaults
+
+    generation = generation_defaults(source)  # before the long part: a bad file fails now
     dtype = DTYPES[options.dtype]
     dense_bytes = sum(t.numel() for t in weights.values()) * dtype.itemsize
     seconds["load"] = time.perf_counter() - t0
@@ -261,7 +264,8 @@ def build_engine(
                              source_bytes=source_bytes, dense_bytes=dense_bytes, output_bytes=0,
                              report=report, limits=limits, calibration=calib_info)
         if options.backend == "native":
-            _write_native(output, out_config, quant, tensors, tokenizer, limits, options)
+            _write_native(output, out_config, quant, tensors, tokenizer, limits, options,
+                          generation)
         else:
             _write_trtllm(output, out_config, quant, tensors, tokenizer, limits, options, dtype,
                           result, log)
@@ -273,13 +277,15 @@ def build_engine(
     return result
 
 
-def _write_native(output, config, quant, tensors: Iterator, tokenizer, limits, options) -> None:
+def _write_native(output, config, quant, tensors: Iterator, tokenizer, limits, options,
+                  generation: dict) -> None:
     from trt_gemma.engine_dir import write_engine
 
     write_engine(
         output, config=config, quant=quant, tensors=tensors, tokenizer=tokenizer,
         profile=limits.to_dict() if limits is not None else None,
         extra={"builder": "trt-gemma build", "backend": "native"},
+        generation_config=generation,
         overwrite=options.overwrite,
     )
 

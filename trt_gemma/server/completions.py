@@ -2,7 +2,8 @@
 
 Choice ``i * n + j`` is sample j of prompt i, as OpenAI numbers them. Logprobs use the legacy
 completions shape (tokens, token_logprobs, top_logprobs, text_offset); ``echo`` prepends the
-prompt's text to each choice (its first chunk when streaming).
+prompt's text to each choice (its first chunk when streaming). A finished choice carries vLLM's
+``stop_reason`` (the stop string or requested stop token id that ended it, else null).
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from trt_gemma.server.serving import Prompt, SampleDelta, SampleState
 from trt_gemma.server.sse import EventStream, with_done
 
 
-def _prompts(client: EngineClient, prompt) -> list[Prompt]:
+def _prompts(client: EngineClient, prompt, add_special_tokens: bool = True) -> list[Prompt]:
+    def encode(text: str) -> list[int]:  # add_special_tokens=False: no <bos> (vLLM's field)
+        return client.tokenizer.encode(text, add_bos=None if add_special_tokens else False)
+
     if isinstance(prompt, str):
-        return [Prompt(client.tokenizer.encode(prompt), prompt)]
+        return [Prompt(encode(prompt), prompt)]
     if not prompt:
         raise APIError(400, "prompt: the list is empty", param="prompt")
     if isinstance(prompt[0], int):
         return [Prompt(list(prompt))]
     if isinstance(prompt[0], str):
-        return [Prompt(client.tokenizer.encode(p), p) for p in prompt]
+        return [Prompt(encode(p), p) for p in prompt]
     return [Prompt(list(ids)) for ids in prompt]
 
 
@@ -59,6 +63,7 @@ def _choice(client: EngineClient, req: CompletionRequest, i: int, j: int, delta:
             state: SampleState) -> CompletionChoice:
     return CompletionChoice(
         index=i * req.n + j, text=delta.text, finish_reason=delta.finish_reason,
+        stop_reason=delta.stop_reason,
         logprobs=None if req.logprobs is None else _logprobs(client, delta, state, req.logprobs),
     )
 
@@ -72,7 +77,8 @@ def _merge(parts: list[CompletionChoice]) -> CompletionChoice:
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(logprobs, name).extend(getattr(part.logprobs, name))
     return CompletionChoice(index=parts[0].index, text="".join(p.text for p in parts),
-                            logprobs=logprobs, finish_reason=parts[-1].finish_reason)
+                            logprobs=logprobs, finish_reason=parts[-1].finish_reason,
+                            stop_reason=parts[-1].stop_reason)
 
 
 async def create_completion(req: CompletionRequest, client: EngineClient,
@@ -80,11 +86,12 @@ async def create_completion(req: CompletionRequest, client: EngineClient,
     arrival = time.perf_counter()
     serving.check_model(req.model, model_name)
     serving.check_supported(req)
-    prompts = _prompts(client, req.prompt)
+    prompts = _prompts(client, req.prompt, req.add_special_tokens)
     limits = [serving.check_prompt(client, p, req.max_tokens, "prompt") for p in prompts]
     # One SamplingParams for all prompts: max_tokens=None means "to the end of the context",
     # which is the tightest of the prompts' limits.
     params = serving.sampling_params(client, req, min(limits), req.logprobs)
+    await serving.check_structured_outputs(client, params)
     reservation = client.admit(len(prompts) * req.n)
     request_id, created = serving.new_id("cmpl"), serving.created()
     states = {(i, j): SampleState() for i in range(len(prompts)) for j in range(req.n)}

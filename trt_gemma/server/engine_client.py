@@ -1,8 +1,9 @@
 """EngineClient: what the HTTP layer needs from the runtime, and admission control in front of it.
 
 The server talks to ``runtime.AsyncLLMEngine`` only through this adapter: generate (with an abort
-when the consumer goes away before the request finishes), abort, liveness, stats, the tokenizer
-and the context limit. Tests substitute a fake engine with the same small surface.
+when the consumer goes away before the request finishes), abort, liveness, stats, the tokenizer,
+the context limit, the checkpoint's sampling defaults and the structured-output check. Tests
+substitute a fake engine with the same small surface.
 
 Admission: the engine runs at most ``max_num_seqs`` sequences and queues the rest; the server lets
 at most ``max_queue`` more sequences wait behind those. A request that would exceed
@@ -13,13 +14,15 @@ latency of everything in it) is bounded however fast clients arrive. The count i
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from trt_gemma.outputs import RequestOutput
-from trt_gemma.sampling_params import SamplingParams
+from trt_gemma.errors import ConfigError
+from trt_gemma.sampling_params import SamplingParams, StructuredOutputsParams
 from trt_gemma.server.errors import APIError
 
 logger = logging.getLogger("trt_gemma.server")
@@ -39,13 +42,15 @@ class Reservation:
 
 class EngineClient:
     def __init__(self, engine, tokenizer, max_model_len: int, vocab_size: int, max_num_seqs: int,
-                 max_queue: int):
+                 max_queue: int, generation_defaults: dict | None = None):
         self.engine = engine  # AsyncLLMEngine (or a test double with the same surface)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len  # prompt + output tokens of one sequence
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
+        # SamplingParams field -> value for fields a request leaves unset (generation_config)
+        self.generation_defaults = dict(generation_defaults or {})
         self.num_in_flight = 0  # sequences admitted and not yet ended
         self.draining = False  # set at shutdown: refuse new work, report unhealthy
 
@@ -53,14 +58,16 @@ class EngineClient:
     def from_source(cls, source: str, *, dtype: str = "auto", device: str = "cpu",
                     verify: bool = True, max_queue: int = 256, **engine_config) -> EngineClient:
         """Load a model and start the engine thread (it idles until requests arrive)."""
+        from trt_gemma.engine_dir import generation_defaults
         from trt_gemma.loader import load_model
         from trt_gemma.runtime import AsyncLLMEngine, EngineConfig, LLMEngine
 
+        defaults = generation_defaults(source)  # before the load: a bad file fails at once
         model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
         config = EngineConfig(**engine_config)
         engine = AsyncLLMEngine(LLMEngine(model, tokenizer, config))
         return cls(engine, tokenizer, engine.engine.max_model_len, model.config.vocab_size,
-                   config.max_num_seqs, max_queue)
+                   config.max_num_seqs, max_queue, defaults)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,6 +129,16 @@ class EngineClient:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def check_structured_outputs(self, params: StructuredOutputsParams) -> None:
+        """Compile a constraint (or find it in the engine's cache) in a worker thread: raises
+        ConfigError (GrammarError) naming the problem when it does not compile."""
+        check = getattr(self.engine, "check_structured_outputs", None)
+        if check is None:  # AsyncLLMEngine: the LLMEngine it drives holds the grammar cache
+            check = getattr(getattr(self.engine, "engine", None), "check_structured_outputs", None)
+        if check is None:
+            raise ConfigError("structured output is not available in this engine")
+        await asyncio.to_thread(check, params)
 
     def abort(self, request_id: str) -> None:
         """Synchronous on purpose: it runs in ``finally`` blocks of cancelled tasks, where a

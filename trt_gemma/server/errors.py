@@ -3,7 +3,8 @@
 Every failure a client can see is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
 status when the request was at fault and 500 only for our bugs. FastAPI's own shapes (422 with
 ``detail`` for validation, ``{"detail": ...}`` for 404/405) are replaced, so clients written for
-OpenAI parse every error the same way. A request that fails never takes the server down with it:
+OpenAI parse every error the same way; a field the API does not know is "Unrecognized request
+argument supplied: X", OpenAI's own words. A request that fails never takes the server down with it:
 the catch-all handler answers 500 and the next request is served as usual.
 """
 
@@ -92,6 +93,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         why = (errors[0].get("ctx") or {}).get("error", "")
         return f"the body is not valid JSON ({why})".replace(" ()", ""), None
     field = _field(errors[0])
+    unknown = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if unknown is not None:  # OpenAI's words for a field it does not know
+        param = _param(unknown)
+        return f"Unrecognized request argument supplied: {param}", param
     if field is None:
         return f"the body must be a JSON object ({errors[0].get('msg', 'invalid')})", None
     same = [e for e in errors if _field(e) == field]

@@ -4,11 +4,20 @@ Shared by both endpoints: the per-endpoint modules (completions.py, chat.py) onl
 is built and how choices, chunks and logprobs are shaped. The engine yields cumulative snapshots
 (text and token ids so far, per sample); ``SampleDelta`` turns them into what is new, which is
 what a stream sends and what latency metrics count.
+
+Sampling fields a request leaves unset take the checkpoint's generation_config defaults
+(``EngineClient.generation_defaults``, vLLM's ``--generation-config auto``), then OpenAI's.
+A structured-output constraint may come from one of several fields (``response_format``,
+``structured_outputs``, ``guided_json``/``_regex``/``_choice``/``_grammar``); exactly one is
+allowed, and it is compiled before the request is admitted, so a schema that does not compile is
+a 400 naming the field it came from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +25,7 @@ from dataclasses import dataclass
 
 from trt_gemma.errors import ConfigError
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
-from trt_gemma.sampling_params import SamplingParams
+from trt_gemma.sampling_params import SamplingParams, StructuredOutputsParams
 from trt_gemma.server.engine_client import EngineClient
 from trt_gemma.server.errors import APIError
 from trt_gemma.server.metrics import RequestTimer, ServerMetrics
@@ -24,6 +33,13 @@ from trt_gemma.server.protocol import ChatCompletionRequest, CompletionRequest, 
 
 # Below this a temperature only divides logits into overflow: treat it as greedy (vLLM does too).
 GREEDY_TEMPERATURE = 1e-5
+# Where no request field and no generation_config says otherwise (OpenAI's and vLLM's defaults).
+PLAIN_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                  "repetition_penalty": 1.0}
+# SamplingParams.extra keys the server sets for itself
+CONSTRAINT_PARAM = "constraint_param"  # the request field a structured-output constraint came from
+REPORTED_STOP_IDS = "reported_stop_ids"  # stop token ids reported as stop_reason (vLLM's rule)
+_KEEP = object()  # sampling_params(structured=...) not given: take the request's own constraint
 
 
 @dataclass
@@ -63,9 +79,74 @@ def check_prompt(client: EngineClient, prompt: Prompt, max_tokens: int | None,
     return max_tokens
 
 
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest
+                       ) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's structured-output constraint and the field it came from (None, None: none).
+
+    More than one constraining field is a 400 naming the second: which one should win is the
+    client's decision, not ours.
+    """
+    found: list[tuple[str, dict]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format: type 'json_schema' needs json_schema.schema",
+                           param="response_format")
+        options = {} if fmt.json_schema.strict is not False else {"strict": False}
+        found.append(("response_format", {"json": fmt.json_schema.schema_, **options}))
+    so = req.structured_outputs
+    if so is not None:
+        given = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                   ("grammar", so.grammar)) if v is not None}
+        if so.json_object:
+            given["json_object"] = True
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, "
+                           f"grammar, json_object; got {sorted(given) or 'none'}",
+                           param="structured_outputs")
+        if so.disable_any_whitespace:  # only set when asked: the default needs no option
+            given["disable_any_whitespace"] = True
+        found.append(("structured_outputs", given))
+    for field, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, field)
+        if value is not None:
+            found.append((field, {key: value}))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        names = " and ".join(f for f, _ in found)
+        raise APIError(400, f"only one structured output constraint per request; got {names}",
+                       param=found[1][0])
+    field, kwargs = found[0]
+    if isinstance(kwargs.get("json"), str):  # a schema sent as JSON text
+        try:
+            kwargs["json"] = json.loads(kwargs["json"])
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"{field}: the schema is not valid JSON ({e})",
+                           param=field) from None
+    try:
+        return StructuredOutputsParams(**kwargs), field
+    except ConfigError as e:
+        raise APIError(400, f"{field}: {e}", param=field) from e
+
+
+def reported_stop_ids(client: EngineClient, req: CompletionRequest | ChatCompletionRequest
+                      ) -> frozenset[int]:
+    """Stop ids whose hit is reported as ``stop_reason``: the request's own, unless they are the
+    model's end-of-sequence ids (vLLM reports None for EOS, which wins over stop_token_ids)."""
+    asked = frozenset(req.stop_token_ids or ())
+    return asked if req.ignore_eos else asked - frozenset(client.tokenizer.stop_token_ids)
+
+
 def sampling_params(client: EngineClient, req: CompletionRequest | ChatCompletionRequest,
                     max_tokens: int, logprobs: int | None,
-                    extra_stop_ids: frozenset[int] = frozenset()) -> SamplingParams:
+                    extra_stop_ids: frozenset[int] = frozenset(),
+                    structured=_KEEP, structured_param: str | None = None) -> SamplingParams:
+    """The engine's SamplingParams for a request. ``structured``: a constraint that replaces the
+    request's own (tool calling builds one), with ``structured_param`` the field to blame."""
     if req.n > client.max_num_seqs:
         raise APIError(400, f"n ({req.n}) exceeds the server's --max-num-seqs "
                        f"({client.max_num_seqs})", param="n")
@@ -73,18 +154,28 @@ def sampling_params(client: EngineClient, req: CompletionRequest | ChatCompletio
     if any(not 0 <= t < client.vocab_size for t in stop_ids):
         raise APIError(400, f"stop_token_ids must be in [0, {client.vocab_size})",
                        param="stop_token_ids")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_k = req.top_k or 0
+    if structured is _KEEP:
+        structured, structured_param = structured_outputs(req)
+    defaults = {**PLAIN_DEFAULTS, **getattr(client, "generation_defaults", {})}
+
+    def pick(name: str):
+        value = getattr(req, name)
+        return defaults[name] if value is None else value
+
+    temperature, top_k = pick("temperature"), pick("top_k")
+    extra = {REPORTED_STOP_IDS: reported_stop_ids(client, req)}
+    if structured is not None:
+        extra[CONSTRAINT_PARAM] = structured_param
     try:
         return SamplingParams(
             n=req.n,
             temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            top_p=pick("top_p"),
             top_k=0 if top_k >= client.vocab_size else top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -93,10 +184,28 @@ def sampling_params(client: EngineClient, req: CompletionRequest | ChatCompletio
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            structured_outputs=structured,
+            extra=extra,
         )
     except ConfigError as e:  # "SamplingParams.min_tokens must be ..." -> param min_tokens
         param = str(e).split()[0].removeprefix("SamplingParams.")
         raise APIError(400, str(e), param=param) from e
+
+
+async def check_structured_outputs(client: EngineClient, params: SamplingParams) -> None:
+    """Compile the request's constraint (or find it in the engine's cache) off the event loop;
+    one that does not compile is a 400 naming the field it came from. Call it before answering:
+    once a stream has started, an error can only be an event in it."""
+    if params.structured_outputs is None:
+        return
+    param = params.extra.get(CONSTRAINT_PARAM)
+    try:
+        await client.check_structured_outputs(params.structured_outputs)
+    except ConfigError as e:  # trt_gemma.guided.GrammarError names the problem
+        message = str(e)
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"
+        raise APIError(400, message, param=param) from e
 
 
 def check_supported(req: CompletionRequest | ChatCompletionRequest) -> None:
@@ -113,6 +222,9 @@ class SampleDelta:
     token_ids: list[int]
     logprobs: list[tuple[int, dict[int, Logprob]]]  # (token id, its entry) of new tokens
     finish_reason: str | None  # set once, on the snapshot that finished the sample
+    # with finish_reason "stop": the stop string or the request's stop token id that ended it,
+    # None for end of sequence (vLLM's stop_reason)
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -130,9 +242,10 @@ class SampleState:
         text = out.text[self.text_len:]
         new_ids = out.token_ids[self.num_tokens:]
         finish = out.finish_reason
-        # A stop token ends the sample but is not part of the answer: no text, no logprob.
+        # A stop token ends the sample but is not part of the answer: no text, no logprob. (A
+        # stop string leaves a str stop_reason; a token leaves its id, or None where it is EOS.)
         scored = len(out.token_ids)
-        if finish == "stop" and isinstance(out.stop_reason, int):
+        if finish == "stop" and not isinstance(out.stop_reason, str):
             scored -= 1
         entries = []
         if out.logprobs is not None:
@@ -142,7 +255,8 @@ class SampleState:
             return None
         self.text_len, self.num_tokens = len(out.text), len(out.token_ids)
         self.finished = finish is not None
-        return SampleDelta(text, new_ids, entries, finish)
+        return SampleDelta(text, new_ids, entries, finish,
+                           out.stop_reason if finish is not None else None)
 
 
 def token_text(client: EngineClient, token_id: int, entry: Logprob | None) -> str:
@@ -179,6 +293,8 @@ async def generate_all(client: EngineClient, metrics: ServerMetrics, prompts: li
     One task per prompt feeds a queue. Leaving early (client gone, error) aborts every engine
     request still running, synchronously, in ``finally``: a cancelled consumer cannot await.
     """
+    await check_structured_outputs(client, params)  # a no-op where the endpoint did it already
+    reported = params.extra.get(REPORTED_STOP_IDS, frozenset())
     queue: asyncio.Queue = asyncio.Queue()
     unfinished = {f"{request_id}-{i}" for i in range(len(prompts))}
     timers = [RequestTimer(metrics, arrival) for _ in prompts]
@@ -205,6 +321,7 @@ async def generate_all(client: EngineClient, metrics: ServerMetrics, prompts: li
                 num_new = max(num_new, len(c.token_ids) - seen[index][c.index])
                 seen[index][c.index] = len(c.token_ids)
             timers[index].tokens(now, num_new)
+            output.outputs = [_vllm_stop_reason(c, reported) for c in output.outputs]
             if output.finished:
                 unfinished.discard(f"{request_id}-{index}")
                 timers[index].finished(now, [c.finish_reason for c in output.outputs])
@@ -215,6 +332,13 @@ async def generate_all(client: EngineClient, metrics: ServerMetrics, prompts: li
             metrics.requests.labels("abort").inc()
         for task in tasks:
             task.cancel()
+
+
+def _vllm_stop_reason(out: CompletionOutput, reported: frozenset[int]) -> CompletionOutput:
+    """The engine reports every stop token; the API reports only the request's own stop ids."""
+    if isinstance(out.stop_reason, int) and out.stop_reason not in reported:
+        return dataclasses.replace(out, stop_reason=None)
+    return out
 
 
 def check_model(name: str | None, served: str) -> None:
