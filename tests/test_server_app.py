@@ -174,7 +174,7 @@ def test_models_health_and_metrics(fast):
                  "trt_gemma_inter_token_latency_seconds_bucket",
                  "trt_gemma_e2e_request_latency_seconds_bucket"):
         assert f"\n{name}" in text, name
-    assert 'trt_gemma_requests_total{finish_reason="length"}' in text
+    assert f'trt_gemma_requests_total{{finish_reason="length",model_name="{MODEL}"}}' in text
 
 
 def test_completion_choices_usage_logprobs_echo(fast):
@@ -402,7 +402,8 @@ def test_backpressure_503_beyond_max_queue():
         assert client.num_in_flight == 0
         assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 200
         text = http.get("/metrics").text
-        assert 'trt_gemma_requests_rejected_total{reason="server_overloaded"}' in text
+        assert (f'trt_gemma_requests_rejected_total{{model_name="{MODEL}",'
+                'reason="server_overloaded"}') in text
 
 
 def test_client_disconnect_aborts_the_engine_request():

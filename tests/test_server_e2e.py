@@ -48,11 +48,16 @@ def client(server):
 
 
 def _metrics(url: str) -> dict[str, float]:
-    values = {}
+    """Samples by name and labels, less the model_name label that every sample carries."""
+    values, served = {}, f'model_name="{MODEL}"'
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+            base, _, labels = name.partition("{")
+            pairs = labels.rstrip("}").split(",")
+            assert served in pairs, name
+            kept = [kv for kv in pairs if kv != served]
+            values[f"{base}{{{','.join(kept)}}}" if kept else base] = float(value)
     return values
 
 
