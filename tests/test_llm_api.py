@@ -42,8 +42,7 @@ def llm(tiny_with_generation):
 
 def test_generation_config_keys_vllm_reads():
     assert parse_generation_config(GENERATION) == DEFAULTS
-    assert parse_generation_config({"top_k": -1, "max_new_tokens": 100}) == {
-        "top_k": 0, "max_tokens": 100}
+    assert parse_generation_config({"top_k": -1, "max_new_tokens": 100}) == {"top_k": 0}
     assert parse_generation_config({"do_sample": False}) == {}
     for bad in ({"top_p": 0}, {"top_p": 1.5}, {"temperature": -1}, {"top_k": 2.5},
                 {"top_k": True}, {"repetition_penalty": "1.1"}, {"min_p": float("nan")}):

@@ -147,10 +147,8 @@ class Engine:
         """Sampling defaults recorded at build time ({} for a source without any)."""
         from trt_gemma.checkpoint.generation import parse_generation_config
 
-        recorded = self.metadata.get("generation_config") or {}
-        # stored under SamplingParams names; max_tokens goes back to its HF name for the parser
-        as_hf = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in recorded.items()}
-        return parse_generation_config(as_hf, f"{self.path / ENGINE_JSON}: generation_config")
+        recorded = self.metadata.get("generation_config") or {}  # SamplingParams names = HF's
+        return parse_generation_config(recorded, f"{self.path / ENGINE_JSON}: generation_config")
 
     def load_tokenizer(self):
         """The ``GemmaTokenizer`` saved in ``tokenizer/`` (by ``GemmaTokenizer.save``)."""

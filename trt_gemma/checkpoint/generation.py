@@ -4,8 +4,10 @@ auto``).
 A model's authors write the sampling they recommend into ``generation_config.json`` (Gemma 3:
 ``top_k`` 64, ``top_p`` 0.95). vLLM applies those values to every request that does not set the
 field itself, so a client moving from vLLM expects the same. We read the same keys vLLM reads and
-nothing else: ``do_sample`` is not consulted (neither does vLLM) and ``max_length`` is a
-transformers notion of prompt + output that has no request-level meaning here.
+nothing else: ``do_sample`` is not consulted (neither does vLLM), ``max_length`` is a
+transformers notion of prompt + output with no request-level meaning here, and
+``max_new_tokens`` (which vLLM turns into a cap on max_tokens) is not applied: our max_tokens
+defaults stay OpenAI's (16 for completions, the rest of the context for chat).
 
 GGUF files carry no generation config: their sources get the plain defaults (temperature 1, no
 top-k/top-p). Engine directories record the dict at build time (engine.json,
@@ -22,14 +24,13 @@ from trt_gemma.errors import CheckpointError
 
 GENERATION_CONFIG = "generation_config.json"
 
-# HF key -> (SamplingParams field, is it valid?) — the keys vLLM's get_diff_sampling_param reads.
+# HF key -> (SamplingParams field, is it valid?): the sampling keys vLLM reads.
 _KEYS = {
     "temperature": ("temperature", lambda v: v >= 0.0),
     "top_p": ("top_p", lambda v: 0.0 < v <= 1.0),
     "top_k": ("top_k", lambda v: v >= -1 and float(v).is_integer()),
     "min_p": ("min_p", lambda v: 0.0 <= v <= 1.0),
     "repetition_penalty": ("repetition_penalty", lambda v: v > 0.0),
-    "max_new_tokens": ("max_tokens", lambda v: v >= 1 and float(v).is_integer()),
 }
 
 
@@ -49,7 +50,7 @@ def parse_generation_config(data: dict, where: str = GENERATION_CONFIG) -> dict[
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not math.isfinite(value) or not valid(value)):
             raise CheckpointError(f"{where}: {key} = {value!r} is not a valid {name}")
-        defaults[name] = int(value) if name in ("top_k", "max_tokens") else float(value)
+        defaults[name] = int(value) if name == "top_k" else float(value)
     if defaults.get("top_k") == -1:
         defaults["top_k"] = 0  # both mean "all tokens"; SamplingParams stores 0
     return defaults
