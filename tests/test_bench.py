@@ -257,3 +257,19 @@ def test_plots_with_telemetry(tmp_path):
                 "temperature_c": 50.0, "utilization_pct": 99.0} for t in (0.0, 0.1, 0.2)]
     assert_png(plot_throughput(tmp_path / "t.png", trace, samples, "t"))
     assert_png(plot_latency(tmp_path / "l.png", {"1": [trace]}, samples, "l"))
+
+
+def test_llama_cpp_peer_on_the_real_gguf(tmp_path):
+    """Optional peer: runs where llama-cpp-python is installed (it builds from source)."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "l.json"
+    assert bench("throughput", "gemma3-270m", "--num-requests", "2", "--input-len", "6",
+                 "--output-len", "3", "--greedy-head-max-rows", "0", "--peer", "llama.cpp",
+                 "--output-json", str(out)) == 0
+    report = json.loads(out.read_text())
+    ours, peer = report["results"], report["peers"]["llama.cpp"]
+    theirs = peer["results"]
+    assert theirs["output_tokens"] == 2 * 3 == ours["output_tokens"]
+    assert theirs["input_tokens"] == ours["input_tokens"]
+    assert peer["comparison"]["output_tokens_per_s"]["speedup"] == pytest.approx(
+        ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
