@@ -1,4 +1,5 @@
-"""Gemma's tokenizer: text <-> token ids, streaming detokenization, and the chat template.
+"""Gemma's tokenizer: text <-> token ids, streaming detokenization; the chat template is
+`chat_format.py`, reached through `GemmaTokenizer.apply_chat_template`.
 
 `GemmaTokenizer` wraps a Rust `tokenizers.Tokenizer`, whatever it was built from:
 
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from trt_gemma.chat_format import chat_format_for, tools_from_openai
+from trt_gemma.chat_format import render_chat  # noqa: F401 - kept importable from here
 from trt_gemma.tokenizer_vocab import (
     END_OF_TURN,
-    START_OF_TURN,
     backend_from_sentencepiece,
     backend_from_vocab,
     fields_from_reader,
@@ -219,10 +221,14 @@ class GemmaTokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping] | None = None,
     ) -> str:
-        """Gemma's chat prompt for `messages`, without BOS (encode adds it); see `render_chat`."""
-        return render_chat(messages, add_generation_prompt)
+        """The chat prompt for `messages` (and OpenAI-style `tools`), without BOS (encode adds
+        it), in this checkpoint's dialect: FunctionGemma's if it has the tool tokens, else
+        Gemma 3's (`trt_gemma.chat_format`)."""
+        return chat_format_for(self).render(messages, add_generation_prompt,
+                                            tools_from_openai(tools) or None)
 
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens)
@@ -271,65 +277,6 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return text[len(emitted) :]
-
-
-def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
-    """Gemma's chat format, as the official Gemma 3 jinja template writes it, less the BOS.
-
-    `<start_of_turn>user\\n{text}<end_of_turn>\\n` then `<start_of_turn>model\\n...`, alternating,
-    and a leading `system` message folded into the first user turn as `{system}\\n\\n{user}`.
-    Like the official template, turn text is stripped (system text is not) and a list of text parts
-    is concatenated; unlike it, a multi-part system message keeps all its parts, and non-text parts
-    (images) are refused, since this runtime reads text only.
-    """
-    if not messages:
-        raise ValueError("chat messages: the list is empty")
-    roles = {"user": "user", "assistant": "model", "model": "model"}
-    first = 0
-    system_prefix = ""
-    if messages[0].get("role") == "system":
-        system_prefix = _message_text(messages[0], 0, strip=False) + "\n\n"
-        first = 1
-        if len(messages) == 1:
-            raise ValueError("chat messages: a system message must be followed by a user message")
-    prompt = []
-    for index in range(first, len(messages)):
-        message = messages[index]
-        role = message.get("role")
-        if role not in roles:
-            raise ValueError(
-                f"chat message {index}: unknown role {role!r} (expected system, user, assistant)"
-            )
-        expected = "user" if (index - first) % 2 == 0 else "model"
-        if roles[role] != expected:
-            raise ValueError(
-                f"chat message {index}: role {role!r} breaks the user/assistant alternation "
-                f"(expected {'user' if expected == 'user' else 'assistant'})"
-            )
-        text = _message_text(message, index, strip=True)
-        prefix = system_prefix if index == first else ""
-        prompt.append(f"{START_OF_TURN}{roles[role]}\n{prefix}{text}{END_OF_TURN}\n")
-    if add_generation_prompt:
-        prompt.append("<start_of_turn>model\n")
-    return "".join(prompt)
-
-
-def _message_text(message: Mapping, index: int, strip: bool) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content.strip() if strip else content
-    if not isinstance(content, list):
-        raise ValueError(f"chat message {index}: content must be a string or a list of text parts")
-    texts = []
-    for part in content:
-        if not isinstance(part, Mapping) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ValueError(f"chat message {index}: only text parts are supported, got {kind!r}")
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise ValueError(f"chat message {index}: a text part needs a string 'text'")
-        texts.append(text.strip() if strip else text)
-    return "".join(texts)
 
 
 def _stop_ids(backend: Tokenizer, eos_ids: Iterable[int]) -> tuple[int, ...]:
