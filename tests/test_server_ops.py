@@ -125,6 +125,22 @@ def test_tokenize_chat_is_the_chat_template(tok_http, gemma_tokenizer):
     assert len(no_prompt["tokens"]) < len(out["tokens"])
 
 
+def test_tokenize_chat_with_tools_renders_them_as_the_chat_endpoint(tok_http, gemma_tokenizer):
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    plain = tok_http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    with_tools = tok_http.post("/tokenize", json={"messages": messages, "tools": tools}).json()
+    text = gemma_tokenizer.decode(with_tools["tokens"], skip_special_tokens=False)
+    assert "get_weather" in text and "Current weather of a city" in text
+    assert "Weather in Oslo?" in text and text.endswith("<start_of_turn>model\n")
+    assert with_tools["count"] > len(plain)
+    err = error_of(tok_http.post("/tokenize", json={"messages": messages, "tools": [{}]}), 400)
+    assert err["param"].startswith("tools")
+
+
 def test_tokenize_detokenize_bad_input_is_a_400_naming_it(tok_http, gemma_tokenizer):
     assert error_of(tok_http.post("/tokenize", json={"prompt": 5}), 400)["param"] == "prompt"
     err = error_of(tok_http.post("/tokenize", json={"prompt": "x", "frobnicate": 1}), 400)

@@ -15,8 +15,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,11 +34,7 @@ from trt_gemma.server.errors import error_body, install_error_handlers
 from trt_gemma.server.metrics import ServerMetrics
 from trt_gemma.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from trt_gemma.server.serving import check_model
-from trt_gemma.server.tokenization import (
-    DetokenizeRequest,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-)
+from trt_gemma.server.tokenization import DetokenizeRequest
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 128k-token id list is ~1 MiB of JSON
 # Probes and scrapers carry no key; everything else (any route added later too) needs one.
@@ -91,8 +88,9 @@ def create_app(client: EngineClient, model_name: str,
         return {"version": trt_gemma.__version__}
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> JSONResponse:
-        return JSONResponse(tokenization.tokenize(body, client, model_name))
+    async def tokenize(body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+        request = tokenization.tokenize_request(body)
+        return JSONResponse(tokenization.tokenize(request, client, model_name))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trt_gemma.server import chat, serving
 from trt_gemma.server.engine_client import EngineClient
@@ -40,6 +41,18 @@ class TokenizeChatRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """A chat body if it has messages, else a prompt body. Chosen here rather than by a pydantic
+    union, whose errors for a body that fits neither would name the wrong field."""
+    kind = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    try:
+        return kind.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)],
+            body=body) from None
 
 
 def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, client: EngineClient,
