@@ -133,10 +133,34 @@ def test_logprobs_of_sampled_token_and_top_n(sampler):
     assert rank0 == 1 and lp0 == pytest.approx(ref.max().item(), abs=1e-5)
     assert [t for t, _ in top0] == ref.topk(3).indices.tolist()
     lp1, rank1, top1 = out.logprobs[1]
-    ref1 = torch.log_softmax(logits[1] / 2.0, -1)  # after temperature
+    ref1 = torch.log_softmax(logits[1], -1)  # raw: before temperature
     assert lp1 == pytest.approx(ref1[out.token_ids[1]].item(), abs=1e-5)
     assert rank1 == int((ref1 > ref1[out.token_ids[1]]).sum()) + 1 and top1 == []
     assert math.isfinite(lp1)
+
+
+def test_logprobs_raw_by_default_processed_after_penalties_and_temperature():
+    logits = _logits(2)
+    params = [SamplingParams(temperature=2.0, logprobs=2, seed=3),
+              SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.5)]
+    raw = Sampler(frozenset({EOS}), torch.device("cpu"))
+    processed = Sampler(frozenset({EOS}), torch.device("cpu"), logprobs_mode="processed_logprobs")
+    out_raw = raw(logits.clone(), [_seq(p) for p in params])
+    out_proc = processed(logits.clone(), [_seq(p) for p in params])
+    assert out_raw.token_ids == out_proc.token_ids
+    penalised = logits[1].clone()
+    seen = torch.tensor([3, 4, 5])  # the prompt
+    penalised[seen] = torch.where(penalised[seen] > 0, penalised[seen] / 1.5,
+                                  penalised[seen] * 1.5)
+    refs_raw = [torch.log_softmax(logits[0], -1), torch.log_softmax(logits[1], -1)]
+    refs_proc = [torch.log_softmax(logits[0] / 2.0, -1), torch.log_softmax(penalised, -1)]
+    for out, refs in ((out_raw, refs_raw), (out_proc, refs_proc)):
+        for i, ref in enumerate(refs):
+            lp, rank, top = out.logprobs[i]
+            token = out.token_ids[i]
+            assert lp == pytest.approx(ref[token].item(), abs=1e-5)
+            assert rank == int((ref > ref[token]).sum()) + 1
+            assert [t for t, _ in top] == ref.topk(2).indices.tolist()
 
 
 @pytest.mark.parametrize("field, value", [

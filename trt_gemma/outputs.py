@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """Log-probability of one token (after temperature / penalties, before top-k/top-p)."""
+    """Log-probability of one token under the model's raw distribution (log_softmax of its
+    logits, before penalties, temperature and any grammar mask: vLLM's default), or with
+    ``EngineConfig.logprobs_mode="processed_logprobs"`` after those, before top-k / top-p."""
 
     token_id: int
     logprob: float

@@ -25,6 +25,11 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: tuple[str, ...] | None = None  # exactly one of these strings
     grammar: str | None = None  # EBNF (xgrammar's dialect, a superset of GBNF)
+    # JSON (json, json_object) options. strict (OpenAI's json_schema.strict; xgrammar's
+    # strict_mode): an object has no properties and an array no items beyond those its schema
+    # names; False: JSON Schema's defaults (extra ones allowed unless the schema forbids them).
+    strict: bool = True
+    disable_any_whitespace: bool = False  # compact JSON: no whitespace between tokens (vLLM's)
 
     def __post_init__(self) -> None:
         if self.choice is not None:

@@ -43,6 +43,11 @@ class EngineConfig:
     # INT8 copies of their weights (W8A16, runtime/int8_decode.py): half the bytes a decode step
     # reads, for +0.2% perplexity on Gemma 3 270M. 0 = never (the model's own numerics).
     cpu_int8_decode_max_rows: int = 0
+    # What logprobs report (vLLM's names and default): "raw_logprobs", the model's own
+    # distribution (log_softmax of its logits, before penalties, temperature and any grammar
+    # mask); "processed_logprobs", after the grammar mask, penalties and temperature (before
+    # top-k / top-p / min-p), the distribution greedy and random rows actually draw from.
+    logprobs_mode: str = "raw_logprobs"
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +69,8 @@ class EngineConfig:
             ("kv_cache_dtype", self.kv_cache_dtype in ("auto", "fp8", "model"),
              "must be 'auto', 'fp8' or 'model'"),
             ("cpu_int8_decode_max_rows", self.cpu_int8_decode_max_rows >= 0, "must be >= 0"),
+            ("logprobs_mode", self.logprobs_mode in ("raw_logprobs", "processed_logprobs"),
+             "must be 'raw_logprobs' or 'processed_logprobs'"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),

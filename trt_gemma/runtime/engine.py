@@ -1,19 +1,22 @@
 """LLMEngine: requests in, outputs out, one ``step()`` at a time.
 
 ``step()`` = schedule → run the model → postprocess (advance, fork n > 1 samples, sample, append,
-stop checks, free finished sequences). Not thread-safe: one thread drives it (see async_engine).
+stop checks, free finished sequences). Not thread-safe: one thread drives it (see async_engine);
+``make_request`` and ``check_structured_outputs`` are safe from any thread.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from trt_gemma import ops
 from trt_gemma.errors import ConfigError, RequestError
+from trt_gemma.guided import GrammarCompiler, GrammarState, tokenizer_info
 from trt_gemma.kernels.reference import FP8_DTYPE
 from trt_gemma.model import GemmaModel
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
@@ -26,7 +29,7 @@ from trt_gemma.runtime.model_runner import ModelRunner
 from trt_gemma.runtime.sampler import Sampler, SamplerOutput, TokenLogprobs
 from trt_gemma.runtime.scheduler import Scheduler
 from trt_gemma.runtime.sequence import Request, Sequence, SequenceStatus
-from trt_gemma.sampling_params import SamplingParams
+from trt_gemma.sampling_params import SamplingParams, StructuredOutputsParams
 
 _log = logging.getLogger(__name__)
 FP8_MIN_CC = (8, 9)  # e4m3 conversions in Triton and FP8 tensor cores: Ada, Hopper
@@ -110,7 +113,9 @@ class LLMEngine:
             if auto:
                 self.greedy_head_max_rows = self.greedy_head.worthwhile_rows()
         eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
-        self.sampler = Sampler(eos, model.device, config.seed)
+        self.sampler = Sampler(eos, model.device, config.seed, config.logprobs_mode)
+        self._grammars: GrammarCompiler | None = None  # built on the first constraint
+        self._grammars_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -154,6 +159,8 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"SamplingParams.n ({params.n}) exceeds max_num_seqs "
                                f"({self.config.max_num_seqs})")
+        if params.structured_outputs is not None:
+            self.check_structured_outputs(params.structured_outputs)  # compiled and cached now
         return Request(request_id, prompt if isinstance(prompt, str) else None, ids, params, 0)
 
     def add_request(self, request_id: str, prompt: str | list[int] | Request,
@@ -162,15 +169,33 @@ class LLMEngine:
                                                                            params)
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id!r} is already in use")
+        constraint = req.params.structured_outputs
+        compiled = self._compile(constraint) if constraint is not None else None
         req.arrival = next(self._arrivals)
         seq = Sequence(next(self._seq_ids), req.request_id, 0, req.prompt_token_ids, req.params,
                        req.arrival, len(self.block_manager.groups), self._generator(req.params, 0))
         self._attach_text(seq)
+        if compiled is not None:
+            seq.grammar = GrammarState.start(compiled)  # forks give each sample its own
         seq.num_forks_pending = req.params.n - 1
         req.seqs.append(seq)
         self.requests[req.request_id] = req
         self.num_prompt_tokens += len(req.prompt_token_ids)
         self.scheduler.add(seq)
+
+    def check_structured_outputs(self, params: StructuredOutputsParams) -> None:
+        """Compile the constraint (or find it in the cache); GrammarError names what does not
+        compile. Thread-safe: the server calls it off the event loop before submitting."""
+        self._compile(params)
+
+    def _compile(self, params: StructuredOutputsParams):
+        if self.tokenizer is None:
+            raise RequestError("SamplingParams.structured_outputs needs the model's tokenizer")
+        with self._grammars_lock:
+            if self._grammars is None:
+                info = tokenizer_info(self.tokenizer, self.model.config.vocab_size)
+                self._grammars = GrammarCompiler(info)
+        return self._grammars.compile(params)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now; its blocks are free before the next step. False if unknown."""
@@ -277,8 +302,14 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(self._logprob_entry(token, lp))
             seq.cumulative_logprob += lp[0]
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # GrammarViolation if the mask let a forbidden token by
         n = seq.num_output_tokens
         if token in self.sampler.stop_token_ids(seq):  # masked until min_tokens by the sampler
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.grammar is not None and seq.grammar.is_terminated:
+            # The grammar is complete and took its stop token: it wins over min_tokens and
+            # ignore_eos (nothing may follow).
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.text is not None and (stop := seq.text.add(token, n > p.min_tokens)):
             seq.finish_reason, seq.stop_reason = "stop", stop

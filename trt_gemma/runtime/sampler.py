@@ -1,15 +1,21 @@
 """Sampler: the next token of every sequence of a step, in one pass over the batch's logits.
 
-Order of processing (vLLM's): stop tokens masked until ``min_tokens`` → repetition, presence and
-frequency penalties → greedy rows take the argmax; random rows are divided by their temperature,
-filtered by top-k, top-p, min-p, and sampled. Logprobs are read after penalties and temperature,
-before the filters (see ``outputs.Logprob``).
+Order of processing (vLLM's): the grammar's token bitmask on constrained rows (guided decoding)
+→ stop tokens masked until ``min_tokens`` → repetition, presence and frequency penalties →
+greedy rows take the argmax; random rows are divided by their temperature, filtered by top-k,
+top-p, min-p, and sampled. Logprobs (``logprobs_mode``) are by default those of the raw model
+distribution, read before any of this; "processed_logprobs" reads them after the mask,
+penalties and temperature, before the filters (see ``outputs.Logprob``).
+
+A grammar wins over ``min_tokens`` and ``ignore_eos``: where it allows nothing but a stop token,
+the stop token stays, and a grammar that has ended ends its sequence (the engine's check).
 
 Sampling draws ``argmax(p / e)`` with ``e ~ Exp(1)`` per token (the exponential race, equivalent to
 drawing from p). A seeded sequence draws its noise from its own ``torch.Generator``, one ``[vocab]``
 draw per step, so its tokens do not depend on which other sequences share the batch.
 
-Fast path: an all-greedy batch without penalties, logprobs or pending ``min_tokens`` is one argmax.
+Fast path: an all-greedy batch without penalties, logprobs, grammars or pending ``min_tokens`` is
+one argmax.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from trt_gemma.guided.matcher import mask_logits
 from trt_gemma.runtime.sequence import Sequence
+
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (raw: its default)
 
 # (sampled token's logprob, its rank (1 = most likely), top-N [(token id, logprob)])
 TokenLogprobs = tuple[float, int, list[tuple[int, float]]]
@@ -36,9 +45,12 @@ def _has_penalty(seq: Sequence) -> bool:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: frozenset[int], device: torch.device, seed: int = 0):
+    def __init__(self, eos_token_ids: frozenset[int], device: torch.device, seed: int = 0,
+                 logprobs_mode: str = "raw_logprobs"):
+        assert logprobs_mode in LOGPROBS_MODES, logprobs_mode  # EngineConfig checked it
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = torch.device(device)
+        self.logprobs_mode = logprobs_mode
         # Noise of unseeded random rows: one engine-wide generator (reproducible per engine run).
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
@@ -53,7 +65,7 @@ class Sampler:
         """Greedy with nothing that reads or changes the logits: argmax is all it needs."""
         p = seq.params
         return (p.temperature == 0.0 and p.logprobs is None and not _has_penalty(seq)
-                and seq.num_output_tokens >= p.min_tokens)
+                and seq.num_output_tokens >= p.min_tokens and seq.grammar is None)
 
     @torch.inference_mode()
     def __call__(
@@ -64,13 +76,17 @@ class Sampler:
         rows = range(len(seqs))
         if all(self.is_plain_greedy(s) for s in seqs):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
-        vocab = logits.shape[1]
+        want = [i for i in rows if seqs[i].params.logprobs is not None]
+        raw = None  # [len(want), vocab]: the model's own logits, before anything below
+        if want and self.logprobs_mode == "raw_logprobs":
+            raw = logits[torch.tensor(want, device=logits.device)].clone()
+        guided = [i for i in rows if seqs[i].grammar is not None]
+        if guided:
+            mask_logits(logits, guided, [seqs[i].grammar for i in guided])
         for i in rows:
             seq = seqs[i]
             if seq.num_output_tokens < seq.params.min_tokens:
-                stop = [t for t in self.stop_token_ids(seq) if t < vocab]
-                if stop:
-                    logits[i, stop] = float("-inf")
+                self._hold_stop_tokens(logits[i], seq)
             if _has_penalty(seq):
                 _apply_penalties(logits[i], seq)
         greedy = [s.params.temperature == 0.0 for s in seqs]
@@ -82,18 +98,28 @@ class Sampler:
             temps = torch.tensor([seqs[i].params.temperature for i in random_rows],
                                  dtype=logits.dtype, device=logits.device)
             x = logits[idx] / temps[:, None]  # [R, vocab]
-            if any(seqs[i].params.logprobs is not None for i in random_rows):
+            if raw is None and any(seqs[i].params.logprobs is not None for i in random_rows):
                 processed = logits.clone()
                 processed[idx] = x
             x = self._filter(x, [seqs[i] for i in random_rows])
             tokens[idx] = self._draw(torch.softmax(x, dim=-1), [seqs[i] for i in random_rows])
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        for i in rows:
-            n = seqs[i].params.logprobs
-            if n is not None:
-                logprobs[i] = _token_logprobs(processed[i], token_list[i], n)
+        for j, i in enumerate(want):
+            row = raw[j] if raw is not None else processed[i]
+            logprobs[i] = _token_logprobs(row, token_list[i], seqs[i].params.logprobs)
         return SamplerOutput(token_list, logprobs)
+
+    def _hold_stop_tokens(self, row: torch.Tensor, seq: Sequence) -> None:
+        """min_tokens: forbid the stop tokens of row [vocab], in place; on a constrained row only
+        where its grammar still allows another token (the grammar wins)."""
+        stop = [t for t in self.stop_token_ids(seq) if t < row.shape[0]]
+        if not stop:
+            return
+        kept = row[stop].clone() if seq.grammar is not None else None
+        row[stop] = float("-inf")
+        if kept is not None and not torch.isfinite(row).any():
+            row[stop] = kept
 
     def _filter(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """top-k, then top-p, then min-p; filtered tokens get -inf. x: [R, vocab]."""

@@ -54,6 +54,8 @@ class Sequence:
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.text = None  # runtime.detokenizer.TextState when the engine has a tokenizer
+        # guided.GrammarState of a constrained request: where its output is in the grammar
+        self.grammar = None
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -85,6 +87,7 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
         child.block_hashes = list(self.block_hashes)
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.status = self.status
         return child
 
