@@ -301,6 +301,7 @@ def test_min_tokens_still_holds_eos_where_the_grammar_allows_more(engine):
     (dict(json={"type": "objekt"}), ["structured_outputs.json", "objekt"]),
     (dict(json='{"type": "object",'), ["structured_outputs.json", "not valid JSON"]),
     (dict(json={"$ref": "#/defs/missing"}), ["structured_outputs.json", "defs"]),
+    (dict(json="[1, 2]"), ["structured_outputs.json", "must be a JSON object"]),
     (dict(regex="[a-"), ["structured_outputs.regex", "Unclosed '['"]),
     (dict(regex="(?<=x)a"), ["structured_outputs.regex", "Lookbehind"]),
     (dict(grammar='root ::= x'), ["structured_outputs.grammar", 'Rule "x" is not defined']),
@@ -410,3 +411,23 @@ def test_bounded_json_strings_refuse_raw_control_characters(tokenizer):
         jsonschema.validate(json.loads(good), schema)
     for bad in ('{"s": "a\tb"}', '{"s": "a\x02"}', '{"s": "a\x1f"}', '{"s": "abcde"}'):
         assert not accepts(bad), bad
+
+
+def test_strict_json_schemas_forbid_unnamed_properties(tokenizer):
+    import xgrammar as xgr
+
+    from trt_gemma.guided import GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer_info(tokenizer, VOCAB))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def accepts(text: str, **options) -> bool:
+        compiled = compiler.compile(StructuredOutputsParams(json=schema, **options))
+        m = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        return m.accept_string(text) and m.is_completed()
+
+    extra = '{"a": 1, "b": "x"}'
+    jsonschema.validate(json.loads(extra), schema)  # valid JSON Schema either way
+    assert accepts('{"a": 1}') and not accepts(extra)
+    assert accepts('{"a": 1}', strict=False) and accepts(extra, strict=False)
+    assert accepts('{ "a" :\n 1 }') and not accepts('{ "a" :\n 1 }', disable_any_whitespace=True)

@@ -186,5 +186,7 @@ def _token_logprobs(row: torch.Tensor, token: int, n: int) -> TokenLogprobs:
     top: list[tuple[int, float]] = []
     if n:
         values, ids = lp.topk(n)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        # processed logprobs of a constrained row: fewer than n tokens may be allowed
+        top = [(t, v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+               if v != float("-inf")]
     return float(chosen), rank, top
