@@ -431,3 +431,23 @@ def test_strict_json_schemas_forbid_unnamed_properties(tokenizer):
     assert accepts('{"a": 1}') and not accepts(extra)
     assert accepts('{"a": 1}', strict=False) and accepts(extra, strict=False)
     assert accepts('{ "a" :\n 1 }') and not accepts('{ "a" :\n 1 }', disable_any_whitespace=True)
+
+
+def test_bench_guided_measures_every_mode_on_one_engine(engine):
+    from trt_gemma.bench import guided as bench
+
+    results = bench.measure(engine, num_prompts=2, max_tokens=6, rounds=1)
+    assert engine.greedy_head is not None  # CPU, a 262144-token vocabulary
+    assert set(results) == {*bench.MODES, bench.FULL_HEAD, "tokenizer_info_s"}
+    assert engine.greedy_head_max_rows > 0  # restored after the full-head mode
+    for mode in (*bench.MODES, bench.FULL_HEAD):
+        r = results[mode]
+        (run,) = r["rounds"]
+        assert 2 <= run["output_tokens"] <= 12 and r["output_tokens_per_s"] > 0
+        assert ("vs_none" in r) == (mode != "none")
+        assert ("compile_s" in r) == (mode in bench.MODES[1:])
+    good = {"name": "Oslo", "country": "Norway", "population_millions": 0.7, "kind": "city",
+            "landmarks": [], "location": {"lat": 59.9, "lon": 10.7}}
+    texts = [json.dumps(good), json.dumps({**good, "kind": "metropolis"}), "{not json"]
+    assert bench.check("json_schema", texts) == {"json_objects": 2, "schema_valid": 1}
+    assert engine.block_manager.all_free() and not engine.requests
