@@ -273,3 +273,8 @@ def test_llama_cpp_peer_on_the_real_gguf(tmp_path):
     assert theirs["input_tokens"] == ours["input_tokens"]
     assert peer["comparison"]["output_tokens_per_s"]["speedup"] == pytest.approx(
         ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
+
+
+def test_bench_guided_is_a_bench_subcommand(capsys):
+    assert bench("guided", "--num-prompts", "0", "--output-json", "unused.json") == 2
+    one_line_error(capsys, "--num-prompts must be >= 1")

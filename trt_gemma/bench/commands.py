@@ -1,4 +1,4 @@
-"""``trt-gemma bench throughput | latency | serve | gpu-suite``, registered by trt_gemma/cli.py.
+"""``trt-gemma bench throughput | latency | serve | guided | gpu-suite`` (trt_gemma/cli.py).
 
 ``bench`` is a command group: ``throughput`` and ``latency`` run the engine in-process,
 ``serve`` sweeps an OpenAI-compatible URL (trt_gemma/bench/serve.py), ``gpu-suite`` runs the
@@ -75,6 +75,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                        "against an OpenAI-compatible URL (TTFT, ITL, goodput)")
     add_serve_arguments(srv)
     srv.set_defaults(func=cmd_serve)
+
+    gd = sub.add_parser("guided", help="what guided decoding costs: output tokens/s without a "
+                                       "constraint, with a JSON schema and with json_object")
+    from trt_gemma.bench.guided import add_arguments as add_guided_arguments
+
+    add_guided_arguments(gd)
+    gd.set_defaults(func=cmd_guided)
 
     g = sub.add_parser("gpu-suite", help="GPU tests, CUDA-graph check, kernels, throughput and "
                                          "latency per preset and quant mode, in a time budget")
@@ -379,6 +386,12 @@ def cmd_latency(args: argparse.Namespace) -> int:
     failed = any("error" in r for p in out["peers"].values() for r in p.values()
                  if isinstance(r, dict))
     return 1 if failed else 0
+
+
+def cmd_guided(args: argparse.Namespace) -> int:
+    from trt_gemma.bench import guided
+
+    return guided.run(args)
 
 
 def cmd_gpu_suite(args: argparse.Namespace) -> int:
