@@ -1,6 +1,8 @@
-"""`trt-gemma serve` in a subprocess on a free loopback port, for end-to-end tests.
+"""Servers for end-to-end tests: `trt-gemma serve` in a subprocess on a free loopback port, or
+an app (usually on a fake engine) in a uvicorn thread.
 
-Every wait is bounded in time; the process is terminated (then killed) when the block ends.
+Every wait is bounded in time; the process is terminated (then killed), the thread told to exit
+and joined, when the block ends.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,3 +55,24 @@ def running_server(source: str, args: list[str], log: Path, *, threads: int,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@contextlib.contextmanager
+def threaded_server(app, startup_timeout_s: float = 30):
+    """Yield the root URL of ``app`` served by uvicorn in a daemon thread on a free port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

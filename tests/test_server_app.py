@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 
 import httpx
@@ -19,8 +18,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from server_process import threaded_server  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from trt_gemma.runtime import EngineStats  # noqa: E402
@@ -116,21 +115,8 @@ class FakeEngine:
 def serve(engine: FakeEngine, max_num_seqs: int = 8, max_queue: int = 8, **app_kwargs):
     client = EngineClient(engine, FakeTokenizer(), max_model_len=256, vocab_size=VOCAB,
                           max_num_seqs=max_num_seqs, max_queue=max_queue)
-    app = create_app(client, MODEL, **app_kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", client
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with threaded_server(create_app(client, MODEL, **app_kwargs)) as url:
+        yield url, client
 
 
 @pytest.fixture(scope="module")

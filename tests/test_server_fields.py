@@ -15,8 +15,6 @@ import contextlib
 import json
 import re
 import shutil
-import threading
-import time
 
 import httpx
 import pytest
@@ -25,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
+from server_process import threaded_server  # noqa: E402
 from test_server_app import MODEL, FakeEngine, FakeTokenizer, assert_error  # noqa: E402
 
 from trt_gemma.errors import ConfigError  # noqa: E402
@@ -52,21 +50,8 @@ class CheckingEngine(FakeEngine):
 
 @contextlib.contextmanager
 def serve_client(client: EngineClient):
-    app = create_app(client, MODEL)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with threaded_server(create_app(client, MODEL)) as url:
+        yield url
 
 
 def fake_client(engine, **kwargs) -> EngineClient:

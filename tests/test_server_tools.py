@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
 
 import pytest
 
@@ -23,8 +21,7 @@ pytest.importorskip("uvicorn")
 jsonschema = pytest.importorskip("jsonschema")
 
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
-from server_process import running_server  # noqa: E402
+from server_process import running_server, threaded_server  # noqa: E402
 from test_server_app import VOCAB, FakeEngine, FakeTokenizer  # noqa: E402
 
 from trt_gemma.server.app import create_app  # noqa: E402
@@ -191,21 +188,8 @@ def fake_server(reply: str):
     engine.REPLY = reply
     engine_client = EngineClient(engine, FakeTokenizer(), max_model_len=4096, vocab_size=VOCAB,
                                  max_num_seqs=8, max_queue=8)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine_client, MODEL), host="127.0.0.1",
-                                           port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                            max_retries=0, timeout=10)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with threaded_server(create_app(engine_client, MODEL)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=10)
 
 
 def test_auto_reply_with_text_and_calls_fake_engine():

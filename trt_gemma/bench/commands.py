@@ -35,15 +35,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="lengths uniform over len*(1-F)..len*(1+F); 0 = fixed")
     t.add_argument("--dataset", default=None,
                    help='JSONL: {"prompt": str | "input_ids": [int], "output_tokens": int}')
-    t.add_argument("--peer", action="append", default=[],
-                   help="also run the requests with: transformers | llama.cpp | an "
-                        "OpenAI-compatible server's http(s)://HOST:PORT (repeatable)")
-    t.add_argument("--peer-model", default=None,
-                   help="model named in a URL peer's requests (default: its first listed)")
-    t.add_argument("--peer-api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="sent to URL peers as 'Authorization: Bearer KEY' (env OPENAI_API_KEY)")
-    t.add_argument("--peer-timeout", type=float, default=600.0,
-                   help="seconds a URL peer has for all the requests")
+    _add_peer_arguments(t, "also run the requests with: transformers | llama.cpp | an "
+                           "OpenAI-compatible server's http(s)://HOST:PORT (repeatable)",
+                        "seconds a URL peer has for all the requests")
     t.add_argument("--rounds", type=int, default=1,
                    help="timed runs of the same requests (ours and each in-process peer); the "
                         "report keeps each side's fastest and lists every round")
@@ -56,16 +50,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lat.add_argument("--input-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=32)
     lat.add_argument("--iterations", type=int, default=3, help="runs per batch size")
-    lat.add_argument("--peer", action="append", default=[],
-                     help="also measure with: transformers (means of its batched generate), "
-                          "llama.cpp (GGUF sources, batch 1 only) or an OpenAI-compatible URL "
-                          "(each batch sent at once, streamed)")
-    lat.add_argument("--peer-model", default=None,
-                     help="model name for URL peers (default: the first one they list)")
-    lat.add_argument("--peer-api-key", default=os.environ.get("OPENAI_API_KEY"),
-                     help="sent to URL peers as 'Authorization: Bearer KEY' (env OPENAI_API_KEY)")
-    lat.add_argument("--peer-timeout", type=float, default=600.0,
-                     help="seconds a URL peer has for each batch")
+    _add_peer_arguments(lat, "also measure with: transformers (means of its batched generate), "
+                             "llama.cpp (GGUF sources, batch 1 only) or an OpenAI-compatible "
+                             "URL (each batch sent at once, streamed)",
+                        "seconds a URL peer has for each batch")
     lat.add_argument("--output-json", default=None, help="where to write the results")
     lat.set_defaults(func=cmd_latency)
 
@@ -95,6 +83,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from trt_gemma.bench.serve import run
 
     return run(args)
+
+
+def _add_peer_arguments(p: argparse.ArgumentParser, peer_help: str, timeout_help: str) -> None:
+    p.add_argument("--peer", action="append", default=[], help=peer_help)
+    p.add_argument("--peer-model", default=None,
+                   help="model named in a URL peer's requests (default: its first listed)")
+    p.add_argument("--peer-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent to URL peers as 'Authorization: Bearer KEY' (env OPENAI_API_KEY)")
+    p.add_argument("--peer-timeout", type=float, default=600.0, help=timeout_help)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
