@@ -3,7 +3,7 @@
 - ``transformers``: the whole workload as one left-padded batch (its fastest offline use), greedy,
   ``min_new_tokens = max_new_tokens`` = the longest request's output; only each request's own
   ``output_len`` tokens count. Every request finishes when the batch does, so its latencies are
-  all the batch's time. Loaded the way ``benchmarks/throughput.py`` loads it: an HF directory
+  all the batch's time. Loaded from an HF directory
   directly, a GGUF (or the bundled name) through ``gguf_file=``.
 - ``llama.cpp`` (llama-cpp-python, CPU, GGUF sources only): requests one after another from one
   queue (it has no batched offline API), ``Llama.generate`` stopped after exactly ``output_len``
