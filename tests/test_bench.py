@@ -135,8 +135,8 @@ def test_unknown_preset_and_option_errors(tmp_path, capsys):
     one_line_error(capsys, "--num-layers must be in [1, 18]")
     assert bench("latency", "x", "--batch-sizes", "1,a") == 2
     one_line_error(capsys, "--batch-sizes")
-    assert bench("latency", "x", "--peer", "llama.cpp") == 2
-    one_line_error(capsys, "unknown --peer 'llama.cpp'")
+    assert bench("latency", "x", "--peer", "vllm") == 2
+    one_line_error(capsys, "unknown --peer 'vllm'", "llama.cpp", "URL")
     assert bench("throughput", "--random-weights", "--preset", "gemma-2b", "--peer",
                  "transformers", "--output-json", out) == 2  # refused before building anything
     one_line_error(capsys, "--peer transformers needs a checkpoint SOURCE")
