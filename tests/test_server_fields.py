@@ -344,6 +344,18 @@ def test_tiny_server_reads_generation_config(tiny_server):
     assert client.generation_defaults == {"top_k": 7, "top_p": 0.9}
 
 
+def test_generation_config_vllm_ignores_the_checkpoints_defaults(tiny_server):
+    _, _, source = tiny_server
+    client = EngineClient.from_source(str(source), dtype="float32", max_queue=4, max_num_seqs=2,
+                                      max_model_len=64, generation_config="vllm")
+    try:
+        assert client.generation_defaults == {}
+    finally:
+        asyncio.run(client.shutdown())
+    with pytest.raises(ConfigError, match="--generation-config must be auto or vllm"):
+        EngineClient.from_source(str(source), generation_config="hf")
+
+
 def test_stop_reason_is_the_stop_string_or_requested_token(tiny_server):
     url, _, source = tiny_server
     from trt_gemma import LLM, SamplingParams

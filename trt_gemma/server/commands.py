@@ -67,6 +67,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
                         "model's dtype; fp8: always (CPU: reference attention); model: never FP8")
+    p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
+                   help="auto: sampling fields a request leaves unset come from the checkpoint's "
+                        "generation_config.json; vllm: OpenAI's defaults whatever it says")
     p.add_argument("--max-queue", type=int, default=128,
                    help="sequences allowed to wait beyond --max-num-seqs; more get 503")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
@@ -167,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        args.host)
     client = EngineClient.from_source(args.source, dtype=args.dtype, device=device,
                                       verify=not args.no_verify, max_queue=args.max_queue,
+                                      generation_config=args.generation_config,
                                       **engine_config)
     name = args.served_model_name or default_model_name(args.source)
     app = create_app(client, name, api_key=keys, max_body_bytes=args.max_body_bytes, cors=cors,

@@ -56,13 +56,21 @@ class EngineClient:
 
     @classmethod
     def from_source(cls, source: str, *, dtype: str = "auto", device: str = "cpu",
-                    verify: bool = True, max_queue: int = 256, **engine_config) -> EngineClient:
-        """Load a model and start the engine thread (it idles until requests arrive)."""
+                    verify: bool = True, max_queue: int = 256, generation_config: str = "auto",
+                    **engine_config) -> EngineClient:
+        """Load a model and start the engine thread (it idles until requests arrive).
+
+        ``generation_config``: "auto" fills unset sampling fields from the checkpoint's
+        generation_config.json; "vllm" ignores it (OpenAI's defaults), as vLLM's flag does."""
         from trt_gemma.engine_dir import generation_defaults
         from trt_gemma.loader import load_model
         from trt_gemma.runtime import AsyncLLMEngine, EngineConfig, LLMEngine
 
-        defaults = generation_defaults(source)  # before the load: a bad file fails at once
+        if generation_config not in ("auto", "vllm"):
+            raise ConfigError(f"--generation-config must be auto or vllm, got "
+                              f"{generation_config!r}")
+        # before the load: a bad file fails at once
+        defaults = generation_defaults(source) if generation_config == "auto" else {}
         model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
         config = EngineConfig(**engine_config)
         engine = AsyncLLMEngine(LLMEngine(model, tokenizer, config))
