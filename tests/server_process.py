@@ -27,25 +27,35 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(source: str, args: list[str], log: Path, *, threads: int,
-                   startup_timeout_s: float):
-    """Yield (url, process) once ``/health`` answers 200."""
+                   startup_timeout_s: float, tls_verify=None,
+                   env: dict[str, str | None] | None = None):
+    """Yield (url, process) once ``/health`` answers 200. ``tls_verify`` (an ssl.SSLContext
+    trusting the server's certificate): the server speaks HTTPS. ``env``: variables to set, or
+    to remove where the value is None."""
     port = free_port()
     cmd = [sys.executable, "-m", "trt_gemma.cli", "serve", source, "--port", str(port), *args]
+    environ = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for name, value in (env or {}).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ)
+    url = f"{'https' if tls_verify is not None else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout_s
     try:
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /health in {startup_timeout_s} s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        with httpx.Client(verify=tls_verify if tls_verify is not None else True,
+                          timeout=1) as client:
+            while True:
+                assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no /health in {startup_timeout_s} s"
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 import openai  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from runtime_helpers import drain, greedy, make_engine, random_prompts, tiny_models  # noqa: E402
-from server_process import free_port  # noqa: E402
+from server_process import running_server  # noqa: E402
 
 import trt_gemma  # noqa: E402
 from trt_gemma.errors import ConfigError  # noqa: E402
@@ -352,36 +352,18 @@ def _self_signed(directory) -> tuple[str, str]:
 
 
 def test_tls_two_keys_and_timestamped_access_log(tiny_gemma3_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-    import time
-
     pytest.importorskip("cryptography")
     cert, key = _self_signed(tmp_path)
-    port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "trt_gemma.cli", "serve", str(tiny_gemma3_dir), "--port",
-           str(port), "--max-num-seqs", "2", "--kv-cache-gib", "0.01", "--ssl-keyfile", key,
-           "--ssl-certfile", cert, "--api-key", "alpha", "--api-key", "beta",
-           "--served-model-name", MODEL, "--allowed-origins", '["https://app.example"]',
-           "--log-level", "info", "--shutdown-timeout", "5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRT_GEMMA_API_KEY", None)
-    url = f"https://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    args = ["--max-num-seqs", "2", "--kv-cache-gib", "0.01", "--ssl-keyfile", key,
+            "--ssl-certfile", cert, "--api-key", "alpha", "--api-key", "beta",
+            "--served-model-name", MODEL, "--allowed-origins", '["https://app.example"]',
+            "--log-level", "info", "--shutdown-timeout", "5"]
     trusted = ssl.create_default_context(cafile=cert)  # trusts our self-signed certificate
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120
+    with running_server(str(tiny_gemma3_dir), args, log, threads=1, startup_timeout_s=120,
+                        tls_verify=trusted, env={"TRT_GEMMA_API_KEY": None}) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
         with httpx.Client(verify=trusted, timeout=5) as https:
-            while True:
-                assert proc.poll() is None, f"server exited early:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no /health over TLS in 120 s"
-                try:
-                    if https.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.25)
             for api_key in ("alpha", "beta"):
                 with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0,
                                    http_client=httpx.Client(verify=trusted, timeout=60)) as sdk:
@@ -400,13 +382,6 @@ def test_tls_two_keys_and_timestamped_access_log(tiny_gemma3_dir, tmp_path):
             httpx.get(f"{url}/health", timeout=5)
         with pytest.raises(httpx.TransportError):  # no plain HTTP on a TLS port
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     logged = [line for line in lines if re.match(TIMESTAMP, line)]
     # Every line of ours and uvicorn's has a timestamp (progress bars and warnings may not).
