@@ -12,6 +12,9 @@ from trt_gemma.errors import ConfigError
 GiB = 1 << 30
 
 
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (raw: its default)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
@@ -69,7 +72,7 @@ class EngineConfig:
             ("kv_cache_dtype", self.kv_cache_dtype in ("auto", "fp8", "model"),
              "must be 'auto', 'fp8' or 'model'"),
             ("cpu_int8_decode_max_rows", self.cpu_int8_decode_max_rows >= 0, "must be >= 0"),
-            ("logprobs_mode", self.logprobs_mode in ("raw_logprobs", "processed_logprobs"),
+            ("logprobs_mode", self.logprobs_mode in LOGPROBS_MODES,
              "must be 'raw_logprobs' or 'processed_logprobs'"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from trt_gemma.guided.matcher import mask_logits
+from trt_gemma.runtime.config import LOGPROBS_MODES
 from trt_gemma.runtime.sequence import Sequence
 
-LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (raw: its default)
 
 # (sampled token's logprob, its rank (1 = most likely), top-N [(token id, logprob)])
 TokenLogprobs = tuple[float, int, list[tuple[int, float]]]

@@ -12,8 +12,8 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -24,8 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import trt_gemma
-from trt_gemma.outputs import RequestOutput
-from trt_gemma.sampling_params import SamplingParams
 from trt_gemma.server import tokenization
 from trt_gemma.server.chat import create_chat_completion
 from trt_gemma.server.completions import create_completion
@@ -59,7 +57,6 @@ def create_app(client: EngineClient, model_name: str,
                access_log: bool = False) -> FastAPI:
     """api_key: one key or several (any is accepted); access_log: one info line per request."""
     metrics = ServerMetrics(client.stats, model_name)
-    timed = _StageTimedClient(client, metrics)  # what the generation handlers talk to
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -108,12 +105,12 @@ def create_app(client: EngineClient, model_name: str,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_completion(body, timed, metrics, model_name))
+            request, create_completion(body, client, metrics, model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_chat_completion(body, timed, metrics, model_name))
+            request, create_chat_completion(body, client, metrics, model_name))
 
     # Added innermost first. Outermost: the access log sees every answer (401, 413, preflight);
     # CORS answers preflights before auth (a browser sends them without credentials) and adds
@@ -130,26 +127,6 @@ def create_app(client: EngineClient, model_name: str,
     if access_log:
         app.add_middleware(AccessLogMiddleware)
     return app
-
-
-class _StageTimedClient:
-    """The engine client as the generation handlers see it: each finished engine request's
-    stage times (queue, prefill, decode: ``RequestOutput.metrics``) go into the histograms on
-    the way through; everything else is the client's own."""
-
-    def __init__(self, client: EngineClient, metrics: ServerMetrics):
-        self._client, self._metrics = client, metrics
-
-    def __getattr__(self, name: str):
-        return getattr(self._client, name)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        async with aclosing(self._client.generate(prompt_ids, params, request_id)) as outputs:
-            async for output in outputs:
-                if output.finished:
-                    self._metrics.observe_stages(getattr(output, "metrics", None))
-                yield output
 
 
 async def _unless_disconnected(request: Request, handler: Awaitable[Response]) -> Response:

@@ -293,7 +293,6 @@ async def generate_all(client: EngineClient, metrics: ServerMetrics, prompts: li
     One task per prompt feeds a queue. Leaving early (client gone, error) aborts every engine
     request still running, synchronously, in ``finally``: a cancelled consumer cannot await.
     """
-    await check_structured_outputs(client, params)  # a no-op where the endpoint did it already
     reported = params.extra.get(REPORTED_STOP_IDS, frozenset())
     queue: asyncio.Queue = asyncio.Queue()
     unfinished = {f"{request_id}-{i}" for i in range(len(prompts))}
@@ -325,6 +324,7 @@ async def generate_all(client: EngineClient, metrics: ServerMetrics, prompts: li
             if output.finished:
                 unfinished.discard(f"{request_id}-{index}")
                 timers[index].finished(now, [c.finish_reason for c in output.outputs])
+                metrics.observe_stages(output.metrics)  # queue, prefill, decode times
             yield index, output
     finally:
         for engine_id in unfinished:
