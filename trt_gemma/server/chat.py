@@ -101,7 +101,9 @@ def tool_plan(client: EngineClient, req: ChatCompletionRequest) -> ToolPlan | No
     return ToolPlan(fmt, tools, allowed, parallel, grammar)
 
 
-def _prompt(client: EngineClient, req: ChatCompletionRequest, plan: ToolPlan | None) -> Prompt:
+def render_prompt(client: EngineClient, req: ChatCompletionRequest,
+                  plan: ToolPlan | None) -> Prompt:
+    """The token ids the chat endpoint feeds the model (also what /tokenize counts)."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
         if plan is None:
@@ -163,7 +165,7 @@ async def create_chat_completion(req: ChatCompletionRequest, client: EngineClien
     serving.check_model(req.model, model_name)
     serving.check_supported(req)
     plan = tool_plan(client, req)
-    prompt = _prompt(client, req, plan)
+    prompt = render_prompt(client, req, plan)
     max_tokens = serving.check_prompt(client, prompt, req.output_limit(), "messages")
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(client, req, plan, max_tokens, top_n)

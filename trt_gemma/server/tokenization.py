@@ -64,7 +64,7 @@ def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, client: Engi
         request = ChatCompletionRequest.model_construct(
             messages=body.messages, add_generation_prompt=body.add_generation_prompt,
             tools=body.tools)
-        ids = chat._prompt(client, request, chat.tool_plan(client, request)).ids
+        ids = chat.render_prompt(client, request, chat.tool_plan(client, request)).ids
     else:
         ids = tokenizer.encode(body.prompt, add_bos=body.add_special_tokens)
     answer: dict[str, Any] = {"count": len(ids), "max_model_len": client.max_model_len,
