@@ -5,7 +5,7 @@
     python benchmarks/quant_quality.py --only "int4-awq g128,int4-awq g64"   # re-measure rows,
                                                             # merged into the existing results
 
-For each configuration it builds an engine with ``trt_gemma.build`` (exactly what ``trt-gemma
+For each configuration it builds an engine with ``trt_gemma.converter`` (exactly what ``trt-gemma
 build`` does), records the size of its weight files, and scores the bundled calibration text
 (in-sample for calibrated modes) and the held-out text (never seen by calibration) with
 ``trt_gemma.eval.perplexity``: every token of each text, one forward pass.
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from trt_gemma.build.commands import read_text
-from trt_gemma.build.engine import BuildOptions, build_engine
+from trt_gemma.converter.commands import read_text
+from trt_gemma.converter.engine import BuildOptions, build_engine
 from trt_gemma.engine_dir import read_engine
 from trt_gemma.eval import perplexity, text_ids
 from trt_gemma.kernels.gemm_fp8 import Fp8Weight

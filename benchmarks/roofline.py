@@ -11,7 +11,7 @@ that no bandwidth buys back. This script does that arithmetic for the released G
     launches  = num_hidden_layers * DECODE_LAUNCHES_PER_LAYER + sum(STEP_LAUNCHES)
 
 What a step reads, exactly as our formats store it (``kernels/gemm_fp8.py``,
-``kernels/gemm_w4a16.py``, ``trt_gemma/build/quantize.py``):
+``kernels/gemm_w4a16.py``, ``trt_gemma/converter/quantize.py``):
 
 - each decoder linear (q, k, v, o, gate, up, down) once: bf16 ``2*out*in``; fp8 e4m3 codes
   ``out*in`` + fp32 per-channel ``weight_scale`` ``4*out`` + fp32 static ``input_scale`` 4;

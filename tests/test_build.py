@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from trt_gemma import cli
-from trt_gemma.build.engine import BuildOptions, build_engine, leftover_partial_builds
-from trt_gemma.build.profiles import (
+from trt_gemma.converter.engine import BuildOptions, build_engine, leftover_partial_builds
+from trt_gemma.converter.profiles import (
     PROFILES,
     get_profile,
     kv_bytes_per_sequence,
@@ -140,7 +140,7 @@ def test_sequential_gptq_sees_the_quantized_layers_below(tiny_gemma3_dir, tmp_pa
                                                          monkeypatch):
     """With GPTQ_SEQUENTIAL, layer i is calibrated on a model whose layers < i are the stored
     INT4 weights (dequantized), and the engine still builds, loads and runs."""
-    from trt_gemma.build import quantize
+    from trt_gemma.converter import quantize
 
     seen = {}
     real = quantize._recalibrate
@@ -191,7 +191,7 @@ def test_engine_dir_as_source(tiny_gemma3_dir, tmp_path):
 def test_default_calibration_budget_covers_every_bundled_text(real_gguf_path):
     """The default --calib-tokens must not silently cut the bundled text short: every file of it
     (in the order joined) fits, window BOS tokens included, with the real Gemma tokenizer."""
-    from trt_gemma.build.engine import DEFAULT_CALIB_TEXTS, calibration_text
+    from trt_gemma.converter.engine import DEFAULT_CALIB_TEXTS, calibration_text
     from trt_gemma.quant.calibrate import calibration_windows
     from trt_gemma.tokenizer import GemmaTokenizer
 
@@ -379,7 +379,7 @@ def test_corrupted_engine_file(tiny_gemma3_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
 def test_build_interrupted_midway(tiny_gemma3_dir, tmp_path, capsys, monkeypatch, fault):
-    from trt_gemma.build import quantize
+    from trt_gemma.converter import quantize
 
     calls = []
     real = quantize.quantize_int4_rtn
@@ -408,7 +408,7 @@ def test_build_killed_with_sigkill(tiny_gemma3_dir, tmp_path):
     target = tmp_path / "engine"
     script = textwrap.dedent(f"""
         import time
-        from trt_gemma.build import quantize
+        from trt_gemma.converter import quantize
         real = quantize.quantize_int4_rtn
         def slow(*a, **kw):
             time.sleep(0.5)

@@ -95,7 +95,7 @@ def test_prompt_longer_than_context(tmp_path):
 def test_build_flags_default_to_build_options():
     """The CLI repeats BuildOptions' defaults (it imports the converter only when it runs): the
     two must not drift apart, or `trt-gemma build` and `build_engine()` build different engines."""
-    from trt_gemma.build.engine import BuildOptions
+    from trt_gemma.converter.engine import BuildOptions
     from trt_gemma.cli import build_parser
 
     args = build_parser().parse_args(["build", "src", "-o", "out"])

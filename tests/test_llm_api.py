@@ -117,7 +117,7 @@ def test_chat_renders_gemmas_template_and_matches_generate(llm):
 
 
 def test_build_records_generation_config_in_the_engine(tiny_with_generation, tmp_path):
-    from trt_gemma.build.engine import BuildOptions, build_engine
+    from trt_gemma.converter.engine import BuildOptions, build_engine
 
     out = tmp_path / "engine"
     build_engine(tiny_with_generation, out, BuildOptions(quant="none", dtype="float32"),

@@ -100,7 +100,7 @@ def test_fp8_without_scales_is_a_clear_error(tmp_path):
 
 def test_engine_built_with_fp8_kv_generates_with_it(tiny_gemma3_dir, tmp_path, capsys):
     from trt_gemma import cli
-    from trt_gemma.build.engine import BuildOptions, build_engine
+    from trt_gemma.converter.engine import BuildOptions, build_engine
     from trt_gemma.llm import LLM
     from trt_gemma.loader import load_model
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from trt_gemma import cli
-from trt_gemma.build import trtllm
-from trt_gemma.build.engine import BuildOptions, build_engine
-from trt_gemma.build.profiles import get_profile, resolve_profile
+from trt_gemma.converter import trtllm
+from trt_gemma.converter.engine import BuildOptions, build_engine
+from trt_gemma.converter.profiles import get_profile, resolve_profile
 from trt_gemma.config import PRESETS, QuantConfig
 from trt_gemma.engine_dir import read_engine
 from trt_gemma.errors import CheckpointError, ConfigError

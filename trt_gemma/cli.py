@@ -18,7 +18,7 @@ import time
 from trt_gemma.errors import TrtGemmaError
 
 EXIT_USER_ERROR = 2
-COMMAND_MODULES = ("trt_gemma.build.commands", "trt_gemma.server.commands",
+COMMAND_MODULES = ("trt_gemma.converter.commands", "trt_gemma.server.commands",
                    "trt_gemma.bench.commands")
 
 

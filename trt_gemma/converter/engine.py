@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from trt_gemma.build.profiles import BuildLimits, get_profile, resolve_profile
-from trt_gemma.build.quantize import (
+from trt_gemma.converter.profiles import BuildLimits, get_profile, resolve_profile
+from trt_gemma.converter.quantize import (
     QuantReport,
     needs_calibration,
     output_config,
@@ -292,7 +292,7 @@ def _write_native(output, config, quant, tensors: Iterator, tokenizer, limits, o
 
 def _write_trtllm(output, config, quant, tensors: Iterator, tokenizer, limits, options, dtype,
                   result: BuildResult, log) -> None:
-    from trt_gemma.build import trtllm
+    from trt_gemma.converter import trtllm
 
     command, built = trtllm.export_and_build(
         output, config=config, quant=quant, weights=dict(tensors), tokenizer=tokenizer,

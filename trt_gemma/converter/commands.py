@@ -79,7 +79,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from trt_gemma.build.engine import BuildOptions, build_engine
+    from trt_gemma.converter.engine import BuildOptions, build_engine
 
     options = BuildOptions(
         quant=args.quant, kv_cache_dtype=args.kv_cache_dtype, group_size=args.group_size,
