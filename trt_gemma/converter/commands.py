@@ -51,7 +51,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="quantize the LM head too (stored apart from the embedding)")
     p.add_argument("--backend", default="native", help="native | tensorrt-llm")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine")
-    p.add_argument("--device", default="cpu", help="where calibration and AWQ run (cpu, cuda)")
+    p.add_argument("--device", default="auto",
+                   help="where calibration and the quantization math run: auto (CUDA when "
+                        "present), cpu, cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 

@@ -63,15 +63,13 @@ from trt_gemma.errors import CheckpointError, ConfigError
 from trt_gemma.kernels.gemm_fp8 import Fp8Weight
 from trt_gemma.kernels.gemm_w4a16 import SYMMETRIC_ZERO, Int4Weight, unpack_int4
 from trt_gemma.kernels.reference import quantize_fp8 as cast_to_fp8
+from trt_gemma.trtllm_layout import (CHECKPOINT_DIR, ENGINE_DIR, EXPORT_JSON, TOKENIZER_DIR,
+                                     runtime_settings)
 
 ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                  "gemma3": "Gemma3ForCausalLM"}
 QUANT_ALGOS = {"none": None, "fp8": "FP8", "int4-awq": "W4A16_AWQ", "int4": "W4A16_AWQ"}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-CHECKPOINT_DIR = "trtllm_checkpoint"
-ENGINE_DIR = "trtllm_engine"
-TOKENIZER_DIR = "tokenizer"
-EXPORT_JSON = "trt_gemma_export.json"
 _MULTIPLE = 64  # WeightOnlyGroupwiseQuantLinear pads in/out to max(64, group); we refuse instead
 
 
@@ -339,7 +337,8 @@ def export_and_build(
             tokenizer.save(tmp / TOKENIZER_DIR)
         meta = {"config": config.to_dict(), "quant": quant.to_dict(),
                 "profile": limits.to_dict() if limits is not None else None,
-                "trtllm_build_command": shlex.join(final_cmd)}
+                "trtllm_build_command": shlex.join(final_cmd),
+                "runtime": runtime_settings(config, limits.max_seq_len if limits else None)}
         (tmp / EXPORT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         if run:
             cmd = build_command(ckpt, tmp / ENGINE_DIR, limits)
