@@ -78,6 +78,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     p.add_argument("--disable-log-requests", "--disable-access-log", action="store_true",
                    help="no access log line per request (method, path, status, duration)")
+    scale = p.add_argument_group("scale-out (Ray Serve; pip install -e '.[ray]')")
+    scale.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="GPUs per engine (and per replica); only 1 is supported yet")
+    scale.add_argument("--replicas", type=int, default=1, metavar="N",
+                       help="more than 1: N engine replicas on Ray Serve behind one endpoint "
+                            "(the autoscaling minimum with --max-replicas)")
+    scale.add_argument("--ray", action="store_true",
+                       help="serve through Ray Serve even with one replica")
+    scale.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                       help="let Ray autoscale between --replicas and N on ongoing requests")
+    scale.add_argument("--target-ongoing-requests", type=float, default=16.0,
+                       help="autoscaling target of in-flight requests per replica (default 16)")
+    scale.add_argument("--cpus-per-replica", type=float, default=1.0,
+                       help="Ray CPUs reserved per replica, also its torch threads on CPU")
+    scale.add_argument("--router", choices=("prefix", "pow2"), default="prefix",
+                       help="prefix: Ray's prefix-cache affinity router; pow2: power of two "
+                            "choices (Ray's default)")
+    scale.add_argument("--ray-address", default=None,
+                       help="a running Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -168,6 +187,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not keys:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it",
                        args.host)
+    if args.tensor_parallel_size != 1:
+        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is "
+                          "supported yet")
+    if args.replicas > 1 or args.ray or args.max_replicas is not None:
+        from trt_gemma.deploy.launch import serve_replicas
+
+        return serve_replicas(args, engine_config, keys)
     client = EngineClient.from_source(args.source, dtype=args.dtype, device=device,
                                       verify=not args.no_verify, max_queue=args.max_queue,
                                       generation_config=args.generation_config,
