@@ -1,6 +1,6 @@
 """CLI subcommands of this package, registered into ``trt-gemma`` by trt_gemma/cli.py.
 
-``trt-gemma build SOURCE -o ENGINE_DIR [...]``: the converter (see build/engine.py).
+``trt-gemma build SOURCE -o ENGINE_DIR [...]``: the converter (see converter/engine.py).
 ``trt-gemma eval SOURCE_OR_ENGINE --text FILE [...]``: perplexity (see trt_gemma/eval.py); its
 last line is ``perplexity: X``.
 
@@ -50,6 +50,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize the LM head too (stored apart from the embedding)")
     p.add_argument("--backend", default="native", help="native | tensorrt-llm")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensorrt-llm: tensor-parallel GPUs to split the checkpoint over "
+                        "(one rank{r}.safetensors each)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine")
     p.add_argument("--device", default="auto",
                    help="where calibration and the quantization math run: auto (CUDA when "
@@ -88,7 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         calib_text=args.calib_text, calib_tokens=args.calib_tokens, profile=args.profile,
         refine_steps=args.refine_steps, distill_steps=args.distill_steps,
         dtype=args.dtype, quantize_lm_head=args.quantize_lm_head, backend=args.backend,
-        overwrite=args.overwrite, device=args.device,
+        tp_size=args.tp_size, overwrite=args.overwrite, device=args.device,
     )
     progress = not args.no_progress and sys.stderr.isatty()
     result = build_engine(args.source, args.output, options, progress=progress,
@@ -116,12 +119,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.backend == "tensorrt-llm":
         import shlex
 
+        from trt_gemma import trtllm_layout as layout
+
+        engine_dir = result.output / layout.ENGINE_DIR
         if result.trtllm_built:
-            print(f"TensorRT-LLM engine built in {result.output / 'trtllm_engine'}")
+            print(f"TensorRT-LLM engine built in {engine_dir}")
         else:
             print("TensorRT-LLM is not installed here (no tensorrt_llm / trtllm-build), so only "
                   "the checkpoint was written. To build the engine on a machine that has it, run:")
             print("  " + shlex.join(result.trtllm_command))
+        settings = layout.read_export(result.output)["runtime"]
+        for line in layout.runner_hint(settings, engine_dir, result.output / layout.TOKENIZER_DIR,
+                                       tp_size=args.tp_size):
+            print(line)
     times = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"time: {times}")
     return 0

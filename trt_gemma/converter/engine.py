@@ -66,6 +66,7 @@ class BuildOptions:
     dtype: str = "bfloat16"  # activation dtype: dense weights and INT4 scales are stored in it
     quantize_lm_head: bool = False  # quantize the (tied) LM head too, as a separate weight
     backend: str = "native"  # native engine dir | TensorRT-LLM checkpoint (+ trtllm-build)
+    tp_size: int = 1  # tensorrt-llm: tensor-parallel ranks (one rank{r}.safetensors each)
     overwrite: bool = False  # replace an existing engine at the target
     # Where calibration and the quantization math run; auto: CUDA when present (the int4-awq
     # scale refits take ~1 h on a 2-core CPU and minutes on a GPU).
@@ -82,6 +83,11 @@ class BuildOptions:
                     kv_cache_dtype=self.kv_cache_dtype or "auto")  # raises ConfigError
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown --backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.tp_size < 1:
+            raise ConfigError(f"--tp-size must be >= 1, got {self.tp_size}")
+        if self.tp_size > 1 and self.backend != "tensorrt-llm":
+            raise ConfigError("--tp-size needs --backend tensorrt-llm (the native engine runs on "
+                              "one GPU)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; expected one of {list(DTYPES)}")
         for name in ("calib_tokens", "calib_rows"):
@@ -247,6 +253,10 @@ def build_engine(
         mode, kv = limits.quant, limits.kv_cache_dtype
     quant = QuantConfig(mode=mode or "none", group_size=options.group_size,
                         kv_cache_dtype=kv or "auto", quantize_lm_head=options.quantize_lm_head)
+    if options.backend == "tensorrt-llm":  # refuse before the long part, not after it
+        from trt_gemma.converter.trtllm import check_exportable
+
+        check_exportable(config, quant, options.tp_size)
 
     stats, calib_info = None, None
     if needs_calibration(quant):
@@ -310,6 +320,7 @@ def _write_trtllm(output, config, quant, tensors: Iterator, tokenizer, limits, o
 
     command, built = trtllm.export_and_build(
         output, config=config, quant=quant, weights=dict(tensors), tokenizer=tokenizer,
-        limits=limits, dtype=dtype, overwrite=options.overwrite, log=log,
+        limits=limits, dtype=dtype, tp_size=options.tp_size, overwrite=options.overwrite,
+        log=log,
     )
     result.trtllm_command, result.trtllm_built = command, built
