@@ -47,6 +47,26 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    # Speculative decoding, over the request's samples: verifications (target forwards that
+    # checked drafts), drafts proposed, drafts accepted. Zero without speculation.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Share of the draft tokens accepted (None: nothing was proposed)."""
+        if not self.spec_num_draft_tokens:
+            return None
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verifying forward: 1 + accepted drafts per verification (vLLM's
+        mean acceptance length)."""
+        if not self.spec_num_drafts:
+            return None
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts
 
     @property
     def queue_time(self) -> float | None:

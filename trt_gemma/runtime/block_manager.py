@@ -198,6 +198,22 @@ class BlockManager:
         seq.num_hashed_blocks = 0
         seq.num_dropped_blocks = [0] * len(self.groups)
 
+    def roll_back(self, seq: Sequence) -> None:
+        """Speculative decoding: give back the trailing blocks past the computed tokens (slots
+        reserved for drafts that were rejected). They were allocated for those drafts alone, so
+        they are unshared and were never registered in the prefix cache; the slots of rejected
+        drafts in the last kept block are simply written again by later tokens."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        rolled = False
+        for g, table in enumerate(seq.block_tables):
+            pool = self.pools[g]
+            while len(table) > keep:
+                block = table.pop()
+                assert pool.ref_count[block] == 1 and pool.block_hash[block] is None, block
+                pool.decref(block)
+                rolled = True
+        seq.num_block_rollbacks += rolled
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Child shares all of parent's blocks (copied on write when either appends)."""
         for g, table in enumerate(parent.block_tables):

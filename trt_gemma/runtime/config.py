@@ -13,6 +13,7 @@ GiB = 1 << 30
 
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (raw: its default)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,22 @@ class EngineConfig:
     # mask); "processed_logprobs", after the grammar mask, penalties and temperature (before
     # top-k / top-p / min-p), the distribution greedy and random rows actually draw from.
     logprobs_mode: str = "raw_logprobs"
+    # Speculative decoding (runtime/speculative/): None = off; "ngram": prompt lookup, drafts
+    # copied from the request's own prompt and output; "draft": a second, smaller model with the
+    # same vocabulary proposes. Either way the target verifies all drafts of a sequence in one
+    # forward, packed with the step's other decodes and prefill chunks; outputs are exactly the
+    # target's (greedy: the same tokens; sampled: rejection sampling keeps its distribution).
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4  # K: drafts per sequence and step, at most
+    draft_model: str | None = None  # "draft": a Gemma source or engine dir, same vocabulary
+    ngram_min: int = 2  # "ngram": shortest suffix n-gram looked up in prompt + output
+    ngram_max: int = 5  # "ngram": longest (the longest match wins)
+    # K adapts per sequence: after a verification that rejected a draft, the next proposal has
+    # one token more than were accepted; after all were accepted, K again (False: always K).
+    speculative_adaptive: bool = True
+    # No drafts in a step where more sequences than this decode: a big batch already fills the
+    # GEMMs (CPU: verifying K more rows each costs more than the accepted tokens save). 0: never.
+    speculative_disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +91,18 @@ class EngineConfig:
             ("cpu_int8_decode_max_rows", self.cpu_int8_decode_max_rows >= 0, "must be >= 0"),
             ("logprobs_mode", self.logprobs_mode in LOGPROBS_MODES,
              "must be 'raw_logprobs' or 'processed_logprobs'"),
+            ("speculative_method",
+             self.speculative_method is None or self.speculative_method in SPECULATIVE_METHODS,
+             "must be None, 'ngram' or 'draft'"),
+            ("num_speculative_tokens", 1 <= self.num_speculative_tokens <= 32,
+             "must be in [1, 32]"),
+            ("draft_model", self.draft_model is None or self.speculative_method == "draft",
+             "is read only with speculative_method 'draft'"),
+            ("ngram_min", self.ngram_min >= 1, "must be >= 1"),
+            ("ngram_max", self.ngram_max >= self.ngram_min,
+             f"must be >= ngram_min ({self.ngram_min})"),
+            ("speculative_disable_by_batch_size", self.speculative_disable_by_batch_size >= 0,
+             "must be >= 0"),
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),

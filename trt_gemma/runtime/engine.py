@@ -1,7 +1,9 @@
 """LLMEngine: requests in, outputs out, one ``step()`` at a time.
 
-``step()`` = schedule → run the model → postprocess (advance, fork n > 1 samples, sample, append,
-stop checks, free finished sequences). Not thread-safe: one thread drives it (see async_engine);
+``step()`` = (propose drafts) → schedule → run the model → postprocess (advance, fork n > 1
+samples, sample or verify drafts, append, stop checks, free finished sequences). Speculative
+decoding lives in the same step: drafts are verified in the step's one target forward
+(runtime/speculative/). Not thread-safe: one thread drives it (see async_engine);
 ``make_request`` and ``check_structured_outputs`` are safe from any thread.
 """
 
@@ -26,9 +28,16 @@ from trt_gemma.runtime.config import EngineConfig
 from trt_gemma.runtime.detokenizer import TextState
 from trt_gemma.runtime.memory import kv_cache_budget
 from trt_gemma.runtime.model_runner import ModelRunner
-from trt_gemma.runtime.sampler import Sampler, SamplerOutput, TokenLogprobs
+from trt_gemma.runtime.sampler import Sampler, TokenLogprobs
 from trt_gemma.runtime.scheduler import Scheduler
 from trt_gemma.runtime.sequence import Request, Sequence, SequenceStatus
+from trt_gemma.runtime.speculative import (
+    DraftProposer,
+    NgramProposer,
+    Speculator,
+    accept_greedy,
+    verify,
+)
 from trt_gemma.sampling_params import SamplingParams, StructuredOutputsParams
 
 _log = logging.getLogger(__name__)
@@ -49,6 +58,12 @@ class EngineStats:
     num_generation_tokens: int  # tokens sampled
     num_finished_requests: int
     num_kv_blocks: tuple[int, ...]  # blocks per KV group (full attention first)
+    # Speculative decoding (vLLM's counters): verifications, drafts proposed, drafts accepted,
+    # and accepted drafts by position (1st, 2nd, ... draft of a verification)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 def choose_kv_dtype(model: GemmaModel, kv_cache_dtype: str) -> torch.dtype:
@@ -80,8 +95,16 @@ def choose_kv_dtype(model: GemmaModel, kv_cache_dtype: str) -> torch.dtype:
     return FP8_DTYPE
 
 
+# Where the token of a row (or the tokens of a speculating sequence's rows) came from:
+# (sequence, emitted tokens, their logprobs, drafts accepted)
+Sampled = tuple[Sequence, list[int], list[TokenLogprobs | None], int]
+
+
 class LLMEngine:
-    def __init__(self, model: GemmaModel, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: GemmaModel, tokenizer=None, config: EngineConfig | None = None,
+                 draft: GemmaModel | None = None):
+        """``draft``: an already loaded draft model for speculative_method "draft" (else
+        ``config.draft_model`` is loaded)."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -114,6 +137,8 @@ class LLMEngine:
                 self.greedy_head_max_rows = self.greedy_head.worthwhile_rows()
         eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset({mc.eos_token_id})
         self.sampler = Sampler(eos, model.device, config.seed, config.logprobs_mode)
+        self.speculator = self._make_speculator(draft)
+        self._draft_seq_ids: set[int] = set()  # sequences the proposer may hold state of
         self._grammars: GrammarCompiler | None = None  # built on the first constraint
         self._grammars_lock = threading.Lock()
         self.requests: dict[str, Request] = {}
@@ -122,6 +147,29 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_finished_requests = 0
+
+    def _make_speculator(self, draft: GemmaModel | None) -> Speculator | None:
+        c = self.config
+        if c.speculative_method is None:
+            return None
+        if c.speculative_method == "ngram":
+            return Speculator(c, NgramProposer(c.ngram_min, c.ngram_max), self.max_model_len)
+        if draft is None:
+            if c.draft_model is None:
+                raise ConfigError("EngineConfig.draft_model is needed by speculative_method "
+                                  "'draft'")
+            from trt_gemma.loader import load_model
+
+            draft, _ = load_model(c.draft_model, device=self.model.device)
+        vocab, draft_vocab = self.model.config.vocab_size, draft.config.vocab_size
+        if draft_vocab != vocab:
+            raise ConfigError(f"EngineConfig.draft_model {c.draft_model or 'draft'}: vocabulary "
+                              f"of {draft_vocab} tokens, the target's has {vocab}")
+        full = [g.num_blocks for g in self.block_manager.groups if g.sliding_window is None]
+        proposer = DraftProposer(draft, choose_kv_dtype(draft, "model"), c,
+                                 max(full or [g.num_blocks for g in self.block_manager.groups]),
+                                 self.max_model_len, self.sampler)
+        return Speculator(c, proposer, self.max_model_len)
 
     @classmethod
     def from_source(cls, source: str, dtype="auto", device="cpu", **config) -> LLMEngine:
@@ -223,11 +271,23 @@ class LLMEngine:
             num_generation_tokens=self.num_generation_tokens,
             num_finished_requests=self.num_finished_requests,
             num_kv_blocks=tuple(g.num_blocks for g in bm.groups),
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        sp = self.speculator
+        if sp is None:
+            return {}
+        return dict(spec_num_drafts=sp.num_drafts, spec_num_draft_tokens=sp.num_draft_tokens,
+                    spec_num_accepted_tokens=sp.num_accepted_tokens,
+                    spec_accepted_per_position=tuple(sp.accepted_per_position))
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One batch: schedule, run, sample. Returns outputs of requests that progressed."""
+        if self.speculator is not None:
+            self._release_drafts()
+            self.speculator.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.has_unfinished():
@@ -243,8 +303,17 @@ class LLMEngine:
             sampled = self._sample(hidden, seqs)
         finished: list[Sequence] = []
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            self._append(seq, token, lp)
+        for seq, tokens, logprobs, accepted in sampled:
+            emitted = 0
+            for token, lp in zip(tokens, logprobs, strict=True):
+                self._append(seq, token, lp)
+                emitted += 1
+                if seq.finish_reason is not None:
+                    break  # nothing past a stop or max_tokens
+            if seq.spec_tokens:  # count what was verified, give back the rejected drafts' slots
+                self.speculator.record(seq, len(seq.spec_tokens), min(accepted, emitted))
+                seq.clear_drafts()
+                self.scheduler.settle(seq, emitted)
             if seq.finish_reason is not None:
                 finished.append(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
@@ -257,14 +326,52 @@ class LLMEngine:
                 self.num_finished_requests += 1
         return outputs
 
-    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        if not seqs:
-            return SamplerOutput([], [])
-        if all(self.sampler.is_plain_greedy(s) for s in seqs):
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
+        """hidden [rows, hidden]: one row per sequence, 1 + K consecutive rows for a sequence
+        that verifies K drafts (seqs repeats it)."""
+        groups, first = [], 0  # (sequence, its first row, its rows)
+        while first < len(seqs):
+            n = 1 + len(seqs[first].spec_tokens)
+            groups.append((seqs[first], first, n))
+            first += n
+        if all(self.sampler.is_plain_greedy(s) for s, _, _ in groups):
             if self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows:
-                return SamplerOutput(self.greedy_head(hidden), [None] * len(seqs))
-            return SamplerOutput(self.runner.greedy_tokens(hidden), [None] * len(seqs))
-        return self.sampler(self.model.compute_logits(hidden), seqs)
+                tokens = self.greedy_head(hidden)
+            else:
+                tokens = self.runner.greedy_tokens(hidden)
+            out = []
+            for seq, f, n in groups:
+                emitted = accept_greedy(seq.spec_tokens, tokens[f:f + n])
+                out.append((seq, emitted, [None] * len(emitted), len(emitted) - 1))
+            return out
+        logits = self.model.compute_logits(hidden)
+        if all(n == 1 for _, _, n in groups):
+            s = self.sampler(logits, seqs)
+            return [(seq, [t], [lp], 0)
+                    for seq, t, lp in zip(seqs, s.token_ids, s.logprobs, strict=True)]
+        plain = [g for g in groups if g[2] == 1]
+        spec = [g for g in groups if g[2] > 1]
+        results: dict[int, Sampled] = {}
+        if plain:
+            idx = torch.tensor([f for _, f, _ in plain], device=logits.device)
+            s = self.sampler(logits[idx], [seq for seq, _, _ in plain])
+            for (seq, f, _), t, lp in zip(plain, s.token_ids, s.logprobs, strict=True):
+                results[f] = (seq, [t], [lp], 0)
+        idx = torch.tensor([r for _, f, n in spec for r in range(f, f + n)],
+                           device=logits.device)
+        checked = verify(self.sampler, logits[idx], [seq for seq, _, _ in spec])
+        for (seq, f, _), v in zip(spec, checked, strict=True):
+            results[f] = (seq, v.tokens, v.logprobs, v.num_accepted)
+        return [results[f] for _, f, _ in groups]
+
+    def _release_drafts(self) -> None:
+        """Proposers forget sequences that left the engine (finished, aborted)."""
+        live = {s.seq_id for s in self.scheduler.running}
+        live.update(s.seq_id for s in self.scheduler.waiting)
+        gone = self._draft_seq_ids - live
+        if gone:
+            self.speculator.release(gone)
+        self._draft_seq_ids = live
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
@@ -342,6 +449,11 @@ class LLMEngine:
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             ))
         first_scheduled = self.scheduler.first_scheduled_times.pop(req.request_id, None)
+        if self.speculator is not None:
+            m = req.metrics
+            m.spec_num_drafts = sum(s.num_verifications for s in req.seqs)
+            m.spec_num_draft_tokens = sum(s.num_draft_tokens for s in req.seqs)
+            m.spec_num_accepted_tokens = sum(s.num_accepted_tokens for s in req.seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
                              metrics=req.record_tokens(first_scheduled))

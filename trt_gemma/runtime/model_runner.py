@@ -103,6 +103,10 @@ class ModelRunner:
         d = out.num_decodes
         seqs, counts = out.seqs, out.num_new_tokens
         decodes = seqs[:d]
+        # Decode rows: one per decoding sequence, or 1 + K for one that verifies K drafts (each
+        # draft position is a decode query of its own, with its own context length).
+        decode_counts = counts[:d]
+        rows = sum(decode_counts)
         num_tokens = sum(counts)
         # Every prefill chunk starts a sequence: attend over the new keys only. Not with an FP8
         # cache: prefills then read the keys as the cache rounded them, as later steps will, so a
@@ -113,53 +117,66 @@ class ModelRunner:
             key_counts = [sum(s.num_computed_tokens + n - self._first_key(s, w)
                               for s, n in zip(seqs[d:], counts[d:], strict=True))
                           for w in self.windows]
-        num_samples = d + sum(s.num_computed_tokens + n == s.num_tokens
-                              for s, n in zip(seqs[d:], counts[d:], strict=True))
+        num_samples = rows + sum(s.num_computed_tokens + n == s.num_tokens
+                                 for s, n in zip(seqs[d:], counts[d:], strict=True))
         widths = [max((len(s.block_tables[g]) for s in decodes), default=0)
                   for g in range(len(self.windows))]
         graph_size = 0
         if self.graphs is not None and d == len(seqs):
-            graph_size = self.graphs.size_for(d, max(widths, default=0))
+            graph_size = self.graphs.size_for(rows, max(widths, default=0))
         if graph_size:
             buf = self.graphs.buffer
             f = self.graphs.fields(graph_size)
         else:
             buf = self.step_buffer
-            f = reserve_step(buf, num_tokens, num_samples, d, len(seqs) - d, key_counts, widths)
+            f = reserve_step(buf, num_tokens, num_samples, rows, len(seqs) - d, key_counts,
+                             widths)
         f.cu_seqlens_q[0][0] = 0
-        self._fill_decodes(f, decodes, widths)
-        sample_seqs = list(decodes)
+        self._fill_decodes(f, decodes, decode_counts, widths)
+        sample_seqs = [s for s, n in zip(decodes, decode_counts, strict=True) for _ in range(n)]
         if len(seqs) > d:
-            sample_seqs += self._fill_prefills(f, out, key_counts is not None)
+            sample_seqs += self._fill_prefills(f, out, key_counts is not None, rows)
         if graph_size:
-            self.graphs.pad(f, graph_size, d)
+            self.graphs.pad(f, graph_size, rows)
         buf.upload()
-        return self._batch(f, d, num_tokens, len(sample_seqs), sample_seqs, graph_size)
+        return self._batch(f, rows, num_tokens, len(sample_seqs), sample_seqs, graph_size)
 
     def _first_key(self, seq: Sequence, window: int | None) -> int:
         """First key a prefill chunk of seq reads in a group of this window."""
         return 0 if window is None else max(0, seq.num_computed_tokens - window + 1)
 
-    def _fill_decodes(self, f: StepFields, decodes: list[Sequence], widths: list[int]) -> None:
+    def _fill_decodes(self, f: StepFields, decodes: list[Sequence], counts: list[int],
+                      widths: list[int]) -> None:
         d, bs = len(decodes), self.block_size
         if not d:
             return
-        pos = np.fromiter((s.num_computed_tokens for s in decodes), np.int64, count=d)
-        f.input_ids[0][:d] = [s.token_ids[s.num_computed_tokens] for s in decodes]
-        f.positions[0][:d] = pos
-        f.context_lens[0][:d] = pos + 1
-        f.logits_indices[0][:d] = np.arange(d)
+        start = np.fromiter((s.num_computed_tokens for s in decodes), np.int64, count=d)
         rows = self.rows.update(decodes)
+        r = sum(counts)
+        if r == d:  # no drafts: one row per sequence
+            pos = start
+            f.input_ids[0][:d] = [s.token_ids[s.num_computed_tokens] for s in decodes]
+        else:  # row j of a sequence's 1 + K: position start + j, its last token then draft j
+            repeat = np.asarray(counts, dtype=np.int64)
+            first_row = np.cumsum(repeat) - repeat
+            pos = np.repeat(start - first_row, repeat) + np.arange(r)
+            rows = np.repeat(rows, repeat)
+            f.input_ids[0][:r] = [t for s in decodes
+                                  for t in (s.token_ids[s.num_computed_tokens], *s.spec_tokens)]
+        f.positions[0][:r] = pos
+        f.context_lens[0][:r] = pos + 1
+        f.logits_indices[0][:r] = np.arange(r)
         block, offset = pos // bs, pos % bs
         for g, width in enumerate(widths):
             blocks = self.rows.tables[g][rows, block].astype(np.int64)
-            np.add(blocks * bs, offset, out=f.slot_mapping[g][0][:d])
-            self.rows.gather(g, rows, f.block_tables[g][0][:d, :width])
+            np.add(blocks * bs, offset, out=f.slot_mapping[g][0][:r])
+            self.rows.gather(g, rows, f.block_tables[g][0][:r, :width])
 
-    def _fill_prefills(self, f: StepFields, out: SchedulerOutput, keyed: bool) -> list[Sequence]:
-        """Prefill chunks after the decodes; returns the sequences whose chunk samples."""
+    def _fill_prefills(self, f: StepFields, out: SchedulerOutput, keyed: bool,
+                       decode_rows: int) -> list[Sequence]:
+        """Prefill chunks after the decode rows; returns the sequences whose chunk samples."""
         bs, d = self.block_size, out.num_decodes
-        t = d  # next token row
+        t = decode_rows  # next token row
         k = [0] * len(self.windows)  # next key slot per group
         cu_q, samples = f.cu_seqlens_q[0], []
         if keyed:
@@ -180,9 +197,9 @@ class ModelRunner:
                     k[g] += len(keys)
                     f.cu_seqlens_k[g][0][i + 1] = k[g]
             t += n
-            cu_q[i + 1] = t - d
+            cu_q[i + 1] = t - decode_rows
             if end == seq.num_tokens:
-                f.logits_indices[0][d + len(samples)] = t - 1
+                f.logits_indices[0][decode_rows + len(samples)] = t - 1
                 samples.append(seq)
         return samples
 

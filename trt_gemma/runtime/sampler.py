@@ -39,6 +39,26 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # per row; None where the request asked for none
 
 
+@dataclass
+class ProcessedRows:
+    """``Sampler.process``'s answer: what each row of a step draws from."""
+
+    argmax: torch.Tensor  # [S] argmax of the processed logits: greedy rows' tokens
+    random_rows: list[int]  # rows that draw at random (temperature > 0)
+    probs: torch.Tensor | None  # [len(random_rows), vocab] the distribution each draws from
+    want: list[int]  # rows that report logprobs
+    logprob_logits: torch.Tensor  # raw: [len(want), vocab]; processed: [S, vocab]
+    raw: bool  # logprob_logits holds the want rows only (raw_logprobs)
+
+    def logprobs(self, tokens: list[int], seqs: list) -> list[TokenLogprobs | None]:
+        """The logprobs entry of each row's token (None where none was asked for)."""
+        out: list[TokenLogprobs | None] = [None] * len(tokens)
+        for j, i in enumerate(self.want):
+            row = self.logprob_logits[j if self.raw else i]
+            out[i] = _token_logprobs(row, tokens[i], seqs[i].params.logprobs)
+        return out
+
+
 def _has_penalty(seq: Sequence) -> bool:
     p = seq.params
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
@@ -73,9 +93,22 @@ class Sampler:
         logits: torch.Tensor,  # [S, vocab] float32, modified in place
         seqs: list[Sequence],  # the sequence each row samples for
     ) -> SamplerOutput:
-        rows = range(len(seqs))
         if all(self.is_plain_greedy(s) for s in seqs):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(seqs))
+        rows = self.process(logits, seqs)
+        tokens = rows.argmax
+        if rows.random_rows:
+            idx = torch.tensor(rows.random_rows, device=logits.device)
+            tokens[idx] = self.draw(rows.probs, [seqs[i] for i in rows.random_rows])
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, rows.logprobs(token_list, seqs))
+
+    def process(self, logits: torch.Tensor, seqs: list) -> ProcessedRows:
+        """Each row's distribution, as it is drawn from: logits [S, vocab] (modified in place)
+        after the grammar mask, min_tokens and penalties; greedy rows take their argmax, random
+        rows draw from ``probs`` (temperature, top-k, top-p, min-p applied). Speculative
+        verification reads the same rows (``seqs`` may be ``speculative.RowView`` s)."""
+        rows = range(len(seqs))
         want = [i for i in rows if seqs[i].params.logprobs is not None]
         raw = None  # [len(want), vocab]: the model's own logits, before anything below
         if want and self.logprobs_mode == "raw_logprobs":
@@ -89,10 +122,10 @@ class Sampler:
                 self._hold_stop_tokens(logits[i], seq)
             if _has_penalty(seq):
                 _apply_penalties(logits[i], seq)
-        greedy = [s.params.temperature == 0.0 for s in seqs]
-        tokens = logits.argmax(dim=-1)
+        argmax = logits.argmax(dim=-1)
         processed = logits  # what logprobs are read from: greedy rows keep their logits
-        random_rows = [i for i in rows if not greedy[i]]
+        random_rows = [i for i in rows if seqs[i].params.temperature != 0.0]
+        probs = None
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             temps = torch.tensor([seqs[i].params.temperature for i in random_rows],
@@ -102,13 +135,9 @@ class Sampler:
                 processed = logits.clone()
                 processed[idx] = x
             x = self._filter(x, [seqs[i] for i in random_rows])
-            tokens[idx] = self._draw(torch.softmax(x, dim=-1), [seqs[i] for i in random_rows])
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        for j, i in enumerate(want):
-            row = raw[j] if raw is not None else processed[i]
-            logprobs[i] = _token_logprobs(row, token_list[i], seqs[i].params.logprobs)
-        return SamplerOutput(token_list, logprobs)
+            probs = torch.softmax(x, dim=-1)
+        return ProcessedRows(argmax, random_rows, probs, want,
+                             raw if raw is not None else processed, raw is not None)
 
     def _hold_stop_tokens(self, row: torch.Tensor, seq: Sequence) -> None:
         """min_tokens: forbid the stop tokens of row [vocab], in place; on a constrained row only
@@ -147,7 +176,7 @@ class Sampler:
             x = x.masked_fill(probs < m * probs.amax(dim=-1, keepdim=True), float("-inf"))
         return x
 
-    def _draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def draw(self, probs: torch.Tensor, seqs: list) -> torch.Tensor:
         """One token per row of probs [R, vocab] by the exponential race."""
         noise = torch.empty_like(probs)
         unseeded = [j for j, s in enumerate(seqs) if s.generator is None]

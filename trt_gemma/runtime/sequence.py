@@ -56,6 +56,16 @@ class Sequence:
         self.text = None  # runtime.detokenizer.TextState when the engine has a tokenizer
         # guided.GrammarState of a constrained request: where its output is in the grammar
         self.grammar = None
+        # Speculative decoding: this step's draft tokens (never in token_ids until verified), the
+        # draft distribution each was drawn from ([len(spec_tokens), vocab]; None: point
+        # masses, as n-gram proposals are), the adaptive K, and acceptance counts.
+        self.spec_tokens: list[int] = []
+        self.spec_probs: torch.Tensor | None = None
+        self.spec_k = 0  # 0: not proposed for yet (the engine's K)
+        self.num_block_rollbacks = 0  # times trailing blocks were given back (step_inputs)
+        self.num_draft_tokens = 0  # drafts verified
+        self.num_accepted_tokens = 0  # of which accepted (and emitted)
+        self.num_verifications = 0  # target forwards that checked drafts of this sequence
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -77,6 +87,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def clear_drafts(self) -> None:
+        self.spec_tokens = []
+        self.spec_probs = None
 
     def fork(self, seq_id: int, index: int, generator: torch.Generator | None) -> Sequence:
         """A sibling with the same tokens and progress (the block manager shares its blocks)."""

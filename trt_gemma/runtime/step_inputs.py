@@ -164,7 +164,9 @@ class BlockTableRows:
     written replaced by copy-on-write (the last block: rechecked every step), and leading blocks
     dropped out of a sliding window (``num_dropped_blocks``: zeroed, as dropped blocks read as 0).
     Anything else (a fork, a resume after preemption, a prefix-cache hit) happens before a
-    sequence's first decode, which writes its whole row. Entries past a row's table are 0.
+    sequence's first decode, which writes its whole row; so does a speculating sequence that gave
+    trailing blocks back (``seq.num_block_rollbacks`` counts those). Entries past a row's table
+    are 0.
     """
 
     def __init__(self, num_groups: int, max_blocks: int, rows: int = 64):
@@ -173,6 +175,7 @@ class BlockTableRows:
         self.synced: list[list[int]] = [[] for _ in range(num_groups)]  # entries written per row
         self.last: list[list[int]] = [[] for _ in range(num_groups)]  # last entry written per row
         self.dropped: list[list[int]] = [[] for _ in range(num_groups)]  # leading entries zeroed
+        self.rollbacks: dict[Sequence, int] = {}  # seq.num_block_rollbacks when last written
         self.row_of: dict[Sequence, int] = {}
         self.free_rows: list[int] = []
         self._grow(max(rows, 1))
@@ -195,10 +198,15 @@ class BlockTableRows:
             row = old.pop(seq, None)
             if row is None:
                 fresh.append(seq)
+            elif seq.num_block_rollbacks != self.rollbacks.get(seq):
+                rows[seq] = row
+                self._write_row(seq, row)
             else:
                 rows[seq] = row
                 self._sync(seq, row)
         self.free_rows.extend(old.values())
+        for seq in old:
+            self.rollbacks.pop(seq, None)
         for seq in fresh:
             if not self.free_rows:
                 self._grow(2 * self.tables[0].shape[0])
@@ -209,6 +217,7 @@ class BlockTableRows:
         return np.fromiter((rows[s] for s in seqs), np.int64, count=len(seqs))
 
     def _write_row(self, seq: Sequence, row: int) -> None:
+        self.rollbacks[seq] = seq.num_block_rollbacks
         for g, table in enumerate(seq.block_tables):
             n = len(table)
             self._check_width(n)
