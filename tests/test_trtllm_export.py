@@ -216,6 +216,12 @@ def test_cli_without_tensorrt_llm_prints_the_command(tiny_gemma3_dir, tmp_path, 
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     meta = json.loads((out / trtllm.EXPORT_JSON).read_text())
     assert meta["trtllm_build_command"].startswith("trtllm-build --checkpoint_dir")
+    # tiny Gemma 3: window 6 on local layers, the profile's max_seq_len (the context, 256) else
+    assert meta["runtime"]["max_attention_window"] == [6, 6, 256] * 2
+    assert (f"python examples/run.py --engine_dir {out / 'trtllm_engine'} --tokenizer_dir "
+            f"{out / 'tokenizer'} --max_output_len 256 --max_attention_window_size 6 6 256 "
+            "--sink_token_length 0") in text
+    assert "KvCacheConfig(max_attention_window=[6, 6, 256], sink_token_length=0)" in text
     assert not (out / "trtllm_engine").exists()
 
 
@@ -258,6 +264,8 @@ def test_runs_trtllm_build_when_present(tiny_gemma3_dir, tmp_path, monkeypatch):
     assert args[0] == "--checkpoint_dir" and args[1].startswith(f"{target}.tmp-")
     assert args[1].endswith(trtllm.CHECKPOINT_DIR)
     assert args[args.index("--gemm_plugin") + 1] == "auto"
+    runtime = json.loads((target / trtllm.ENGINE_DIR / trtllm.RUNTIME_JSON).read_text())
+    assert runtime["max_attention_window"] == [6, 6, 256] * 2 and runtime["tp_size"] == 1
     # A failing trtllm-build: a one-line error naming it, nothing at the target.
     _fake_trtllm_build(bin_dir, 3)
     with pytest.raises(CheckpointError, match="trtllm-build failed .exit 3.: fake trtllm-build"):
