@@ -127,6 +127,15 @@ class ServerMetrics:
             "From the first token to the request's end (engine clock)",
             buckets=STAGE_BUCKETS, registry=self.registry,
         )
+        self.safety_screening_time = Histogram(
+            f"{PREFIX}_safety_screening_seconds",
+            "From a screening call (prompts or a response) to its verdicts: queue + classifier "
+            "forward", buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.safety_flagged = Counter(
+            f"{PREFIX}_safety_flagged", "Prompts and responses the content filter flagged",
+            ["kind"], registry=self.registry,
+        )
 
     def observe_stages(self, timings: RequestMetrics | None) -> None:
         """The stage times of one finished engine request (engines without timestamps: none)."""
