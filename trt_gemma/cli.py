@@ -19,7 +19,7 @@ from trt_gemma.errors import TrtGemmaError
 
 EXIT_USER_ERROR = 2
 COMMAND_MODULES = ("trt_gemma.converter.commands", "trt_gemma.server.commands",
-                   "trt_gemma.bench.commands")
+                   "trt_gemma.bench.commands", "trt_gemma.responsible.commands")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
