@@ -67,7 +67,7 @@ class EngineConfig:
     speculative_adaptive: bool = True
     # No drafts in a step where more sequences than this decode: a big batch already fills the
     # GEMMs (CPU: verifying K more rows each costs more than the accepted tokens save). 0: never.
-    speculative_disable_by_batch_size: int = 8
+    speculative_disable_by_batch_size: int = 4
 
     def __post_init__(self) -> None:
         checks = [
