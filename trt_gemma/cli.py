@@ -51,8 +51,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
+    from trt_gemma.runtime.speculative.flags import speculative_options
+
     llm = LLM(args.source, dtype=args.dtype, device=args.device, verify=not args.no_verify,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, **speculative_options(args))
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto: FP8 on CUDA for engines built with --kv-cache-dtype fp8, else the "
                         "model's dtype; fp8: always; model: never FP8")
+    from trt_gemma.runtime.speculative.flags import add_speculative_arguments
+
+    add_speculative_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter count and sizes of a model or engine")
