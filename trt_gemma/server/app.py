@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import trt_gemma
-from trt_gemma.server import tokenization
+from trt_gemma.server import responsible, tokenization
 from trt_gemma.server.chat import create_chat_completion
 from trt_gemma.server.completions import create_completion
 from trt_gemma.server.engine_client import EngineClient
@@ -54,9 +54,13 @@ class CORSSettings:
 def create_app(client: EngineClient, model_name: str,
                api_key: str | Sequence[str] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, cors: CORSSettings | None = None,
-               access_log: bool = False) -> FastAPI:
-    """api_key: one key or several (any is accepted); access_log: one info line per request."""
+               access_log: bool = False,
+               guard: responsible.ResponsibleServing | None = None) -> FastAPI:
+    """api_key: one key or several (any is accepted); access_log: one info line per request;
+    guard: safety screening and watermark detection (server/responsible.py)."""
     metrics = ServerMetrics(client.stats, model_name)
+    if guard is not None and guard.screener is not None:
+        guard.screener.on_latency = metrics.safety_screening_time.observe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -65,6 +69,8 @@ def create_app(client: EngineClient, model_name: str,
             yield
         finally:
             await client.shutdown()
+            if guard is not None and guard.screener is not None:
+                guard.screener.close()
 
     app = FastAPI(title="trt-gemma", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.client, app.state.metrics = client, metrics
@@ -105,12 +111,14 @@ def create_app(client: EngineClient, model_name: str,
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_completion(body, client, metrics, model_name))
+            request, create_completion(body, client, metrics, model_name, guard))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _unless_disconnected(
-            request, create_chat_completion(body, client, metrics, model_name))
+            request, create_chat_completion(body, client, metrics, model_name, guard))
+
+    responsible.add_routes(app, guard, client, model_name)
 
     # Added innermost first. Outermost: the access log sees every answer (401, 413, preflight);
     # CORS answers preflights before auth (a browser sends them without credentials) and adds

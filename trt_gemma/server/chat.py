@@ -34,7 +34,7 @@ from trt_gemma.chat_format import (
     tools_from_openai,
 )
 from trt_gemma.sampling_params import StructuredOutputsParams
-from trt_gemma.server import serving
+from trt_gemma.server import responsible, serving
 from trt_gemma.server.engine_client import EngineClient
 from trt_gemma.server.errors import APIError
 from trt_gemma.server.metrics import ServerMetrics
@@ -160,7 +160,9 @@ def _finish(reason: str | None, calls: list) -> str | None:
 
 
 async def create_chat_completion(req: ChatCompletionRequest, client: EngineClient,
-                                 metrics: ServerMetrics, model_name: str) -> Response:
+                                 metrics: ServerMetrics, model_name: str,
+                                 guard: responsible.ResponsibleServing | None = None
+                                 ) -> Response:
     arrival = time.perf_counter()
     serving.check_model(req.model, model_name)
     serving.check_supported(req)
@@ -170,13 +172,17 @@ async def create_chat_completion(req: ChatCompletionRequest, client: EngineClien
     top_n = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(client, req, plan, max_tokens, top_n)
     await serving.check_structured_outputs(client, params)
+    user_text = responsible.chat_user_text(req.messages)
+    await responsible.screen_prompts(guard, [user_text], "messages", metrics)
     reservation = client.admit(req.n)
     request_id, created = serving.new_id("chatcmpl"), serving.created()
     states = [serving.SampleState() for _ in range(req.n)]
     final: list = [None]  # the last snapshot, for usage
 
     async def deltas() -> AsyncIterator[tuple[int, SampleDelta]]:
-        outputs = serving.generate_all(client, metrics, [prompt], params, request_id, arrival)
+        outputs = responsible.screened_outputs(
+            guard, serving.generate_all(client, metrics, [prompt], params, request_id, arrival),
+            [user_text], req.n, stream=req.stream, metrics=metrics)
         async with aclosing(outputs) as stream:
             async for _, out in stream:
                 final[0] = out

@@ -78,6 +78,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", help="debug | info | warning | error")
     p.add_argument("--disable-log-requests", "--disable-access-log", action="store_true",
                    help="no access log line per request (method, path, status, duration)")
+    from trt_gemma.responsible.commands import add_serve_arguments
+
+    add_serve_arguments(p)
     scale = p.add_argument_group("scale-out (Ray Serve; pip install -e '.[ray]')")
     scale.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="GPUs per engine (and per replica); only 1 is supported yet")
@@ -190,17 +193,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size != 1:
         raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is "
                           "supported yet")
+    from trt_gemma.server import responsible
+
     if args.replicas > 1 or args.ray or args.max_replicas is not None:
+        if responsible.uses_responsible(args):
+            raise ConfigError("--watermark-config and --safety-model are not available with Ray "
+                              "replicas yet")
         from trt_gemma.deploy.launch import serve_replicas
 
         return serve_replicas(args, engine_config, keys)
+    engine_config.update(responsible.engine_watermark_option(args))
     client = EngineClient.from_source(args.source, dtype=args.dtype, device=device,
                                       verify=not args.no_verify, max_queue=args.max_queue,
                                       generation_config=args.generation_config,
                                       **engine_config)
     name = args.served_model_name or default_model_name(args.source)
     app = create_app(client, name, api_key=keys, max_body_bytes=args.max_body_bytes, cors=cors,
-                     access_log=not args.disable_log_requests)
+                     access_log=not args.disable_log_requests,
+                     guard=responsible.build_guard(args, client))
     scheme = "https" if args.ssl_certfile else "http"
     logger.info("serving %s as %r on %s://%s:%d (max_model_len %d, max_num_seqs %d, %d API "
                 "keys, CORS origins %s)", args.source, name, scheme, args.host, args.port,

@@ -14,7 +14,7 @@ from contextlib import aclosing
 
 from fastapi.responses import JSONResponse, Response
 
-from trt_gemma.server import serving
+from trt_gemma.server import responsible, serving
 from trt_gemma.server.engine_client import EngineClient
 from trt_gemma.server.errors import APIError
 from trt_gemma.server.metrics import ServerMetrics
@@ -82,7 +82,8 @@ def _merge(parts: list[CompletionChoice]) -> CompletionChoice:
 
 
 async def create_completion(req: CompletionRequest, client: EngineClient,
-                            metrics: ServerMetrics, model_name: str) -> Response:
+                            metrics: ServerMetrics, model_name: str,
+                            guard: responsible.ResponsibleServing | None = None) -> Response:
     arrival = time.perf_counter()
     serving.check_model(req.model, model_name)
     serving.check_supported(req)
@@ -92,6 +93,9 @@ async def create_completion(req: CompletionRequest, client: EngineClient,
     # which is the tightest of the prompts' limits.
     params = serving.sampling_params(client, req, min(limits), req.logprobs)
     await serving.check_structured_outputs(client, params)
+    user_texts = [p.text if p.text is not None else client.tokenizer.decode(p.ids)
+                  for p in prompts]
+    await responsible.screen_prompts(guard, user_texts, "prompt", metrics)
     reservation = client.admit(len(prompts) * req.n)
     request_id, created = serving.new_id("cmpl"), serving.created()
     states = {(i, j): SampleState() for i in range(len(prompts)) for j in range(req.n)}
@@ -103,7 +107,9 @@ async def create_completion(req: CompletionRequest, client: EngineClient,
             p = prompts[i]
             text = p.text if p.text is not None else client.tokenizer.decode(p.ids)
             yield CompletionChoice(index=i * req.n + j, text=text)
-        outputs = serving.generate_all(client, metrics, prompts, params, request_id, arrival)
+        outputs = responsible.screened_outputs(
+            guard, serving.generate_all(client, metrics, prompts, params, request_id, arrival),
+            user_texts, req.n, stream=req.stream, metrics=metrics)
         async with aclosing(outputs) as stream:
             async for i, out in stream:
                 finals[i] = out

@@ -410,7 +410,7 @@ class ModelList(_Response):
     data: list[ModelCard]
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class CompletionLogprobs(_Response):
