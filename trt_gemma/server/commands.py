@@ -81,6 +81,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from trt_gemma.responsible.commands import add_serve_arguments
 
     add_serve_arguments(p)
+    from trt_gemma.runtime.speculative.flags import add_speculative_arguments
+
+    add_speculative_arguments(p)
     scale = p.add_argument_group("scale-out (Ray Serve; pip install -e '.[ray]')")
     scale.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                        help="GPUs per engine (and per replica); only 1 is supported yet")
@@ -187,6 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_config["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.kv_cache_gib is not None:
         engine_config["kv_cache_memory"] = int(args.kv_cache_gib * (1 << 30))
+    from trt_gemma.runtime.speculative.flags import speculative_options
+
+    engine_config.update(speculative_options(args))
     if not _is_loopback(args.host) and not keys:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it",
                        args.host)
