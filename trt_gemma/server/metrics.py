@@ -64,9 +64,25 @@ class _EngineCollector(Collector):
             ("engine_finished_requests", "Requests the engine finished (not aborted)",
              stats.num_finished_requests),
         ]
+        counters += [  # speculative decoding (vLLM's names); zero without it
+            ("spec_decode_num_drafts", "Verifications: sequences x steps that checked drafts",
+             stats.spec_num_drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified",
+             stats.spec_num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted",
+             stats.spec_num_accepted_tokens),
+        ]
         for name, doc, value in counters:
             # CounterMetricFamily appends _total to the exposed sample name.
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        if stats.spec_accepted_per_position:
+            per_position = CounterMetricFamily(
+                f"{PREFIX}_spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in their proposal (0 = first)",
+                labels=["position"])
+            for position, value in enumerate(stats.spec_accepted_per_position):
+                per_position.add_metric([str(position)], value)
+            yield per_position
 
 
 class _Labelled(Collector):
