@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
 import time
 
 from trt_gemma.deploy.settings import ReplicaSettings, ScaleSettings
@@ -47,22 +48,31 @@ def serve_replicas(args: argparse.Namespace, engine_config: dict, api_keys: list
     from trt_gemma.deploy.ray_serve import APP_NAME, build_application
 
     replica, scale = settings_from_args(args, engine_config, api_keys)
+    stop: list[int] = []  # set from before Ray starts: a SIGTERM during the deploy counts too
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=True)
+    signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own (it exits at once)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_application(replica, scale), name=APP_NAME, route_prefix="/")
     logger.info("serving %s on Ray Serve at http://%s:%d: %s replicas, router %s",
                 args.source, args.host, args.port,
                 f"{scale.replicas}..{scale.max_replicas}" if scale.max_replicas
                 else scale.replicas, scale.router)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     try:
         while not stop:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
-    logger.info("shutting down the Ray Serve application")
-    serve.delete(APP_NAME)
-    serve.shutdown()
+    logger.info("shutting down the Ray Serve application (replicas drain their engines)")
+    # Bounded: a Ctrl-C in a terminal (or a signal to the process group) reaches Ray's own
+    # processes too, and serve.delete would then wait for a cluster that is gone.
+    deleting = threading.Thread(target=serve.shutdown, daemon=True)
+    deleting.start()
+    deleting.join(args.shutdown_timeout + 10)
+    if deleting.is_alive():
+        logger.warning("Ray Serve did not shut down in %d s; leaving it", args.shutdown_timeout)
     ray.shutdown()
     return 0
