@@ -120,6 +120,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "copies of their weights (W8A16, +0.2%% perplexity on the 270M); 0 = "
                         "never, the model's own numerics")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic requests")
+    from trt_gemma.runtime.speculative.flags import add_speculative_arguments
+
+    add_speculative_arguments(p)
     p.add_argument("--plot", default=None, help="PNG: latency distribution, tokens over time, "
                                                 "telemetry")
     p.add_argument("--telemetry-interval", type=float, default=0.1, help="seconds")
@@ -145,7 +148,33 @@ def _engine(args: argparse.Namespace, target):
         if args.kv_cache_gib <= 0:
             raise ConfigError(f"--kv-cache-gib must be > 0, got {args.kv_cache_gib}")
         kw["kv_cache_memory"] = int(args.kv_cache_gib * GiB)
+    from trt_gemma.runtime.speculative.flags import speculative_options
+
+    kw.update(speculative_options(args))
     return LLMEngine(target.model, target.tokenizer, EngineConfig(**kw))
+
+
+def _spec_snapshot(engine) -> tuple[int, int, int]:
+    s = engine.get_stats()
+    return s.spec_num_drafts, s.spec_num_draft_tokens, s.spec_num_accepted_tokens
+
+
+def _spec_record(engine, before: tuple[int, int, int]) -> dict | None:
+    """Acceptance over the measured runs (since ``before``); None without speculation."""
+    if engine.config.speculative_method is None:
+        return None
+    drafts, tokens, accepted = (a - b for a, b in zip(_spec_snapshot(engine), before,
+                                                      strict=True))
+    return {"num_drafts": drafts, "num_draft_tokens": tokens, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / tokens if tokens else None,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else None}
+
+
+def _print_spec(spec: dict | None) -> None:
+    if spec is not None:
+        print(f"  speculative: {spec['num_draft_tokens']} drafts, acceptance "
+              f"{_fmt(spec['acceptance_rate'], 100, '%')}, mean accepted length "
+              f"{_fmt(spec['mean_accepted_length'])} tokens per verification")
 
 
 def _engine_record(engine) -> dict:
@@ -158,7 +187,12 @@ def _engine_record(engine) -> dict:
             .removeprefix("torch."),
             "num_kv_blocks": list(engine.get_stats().num_kv_blocks),
             "greedy_head_max_rows": engine.greedy_head_max_rows if engine.greedy_head else 0,
-            "cpu_int8_decode_max_rows": c.cpu_int8_decode_max_rows}
+            "cpu_int8_decode_max_rows": c.cpu_int8_decode_max_rows,
+            "speculative": None if c.speculative_method is None else {
+                "method": c.speculative_method, "num_speculative_tokens": c.num_speculative_tokens,
+                "draft_model": c.draft_model, "ngram_min": c.ngram_min, "ngram_max": c.ngram_max,
+                "adaptive": c.speculative_adaptive,
+                "disable_by_batch_size": c.speculative_disable_by_batch_size}}
 
 
 def _load(args: argparse.Namespace):
@@ -225,6 +259,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     runner.check_fits(engine, requests)
     engine_record = _engine_record(engine)
     runner.warm_up(engine, requests)
+    spec_before = _spec_snapshot(engine)
     traces = []
     with _telemetry(model, args.telemetry_interval) as tm:
         for i in range(args.rounds):
@@ -235,6 +270,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     res = throughput.results(model, kv_itemsize, requests, trace,
                              engine.get_stats().num_kv_blocks)
     res["rounds"] = _rounds_record(traces, trace)
+    res["speculative"] = _spec_record(engine, spec_before)
     del engine  # its KV cache: the peers need the memory
     gc.collect()
     env = report.environment(model.device, target.info)
@@ -245,6 +281,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot_throughput(args.plot, trace, tm.samples, _title("throughput", target, env))
     _print_throughput(res, out["peers"], out["telemetry"])
+    _print_spec(res["speculative"])
     print(f"wrote {path}" + (f" and {args.plot}" if args.plot else ""))
     failed = [p["error"] for p in out["peers"].values() if "error" in p]
     for why in failed:
@@ -355,9 +392,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
     engine = _engine(args, target)
     probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
     runner.check_fits(engine, probe)
+    spec_before = _spec_snapshot(engine)
     with _telemetry(target.model, args.telemetry_interval) as tm:
         res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
                                       args.iterations, _bos(target), args.seed)
+    spec = _spec_record(engine, spec_before)
     for b, r in res.items():
         print(f"batch {b}: TTFT mean {_fmt(r['ttft_s']['mean'], 1e3, ' ms')} "
               f"p99 {_fmt(r['ttft_s']['p99'], 1e3, ' ms')}; per token mean "
@@ -365,9 +404,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
               f"{_fmt(r['per_token_s']['p50'], 1e3, ' ms')} p99 "
               f"{_fmt(r['per_token_s']['p99'], 1e3, ' ms')}")
     env = report.environment(target.model.device, target.info)
+    _print_spec(spec)
     out = {"benchmark": "latency", "environment": env, "target": target.info,
            "engine": _engine_record(engine), "results": res, "telemetry": tm.summary(),
-           "peers": {}}
+           "speculative": spec, "peers": {}}
     if args.peer:
         del engine
         gc.collect()
