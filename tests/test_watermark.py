@@ -263,3 +263,92 @@ def test_our_sampling_loop_watermarks_and_reference_agrees(tiny_hf_gemma):
     out = torch.tensor([generated])
     ref_score, mask = _reference_weighted_mean(ref, out, eos_id=1)
     assert float(ref_score[0]) > 0.6 and int(mask.sum()) > 40
+
+
+# ---- CLI and endpoint -----------------------------------------------------------------------
+
+
+def _watermarked_ids(watermarker, allowed: list[int], length: int, seed: int) -> list[int]:
+    """Sample `length` tokens from random logits restricted to `allowed` (the rest -inf, so
+    apply() takes its sparse path), watermarked by apply()."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = max(allowed) + 1
+    keep = torch.full((vocab,), float("-inf"))
+    keep[allowed] = 0.0
+    state, ids = watermarker.new_state(), []
+    for _ in range(length):
+        logits = (torch.randn(1, vocab, generator=gen) * 2 + keep)
+        scores = watermarker.apply(logits, [state])
+        token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=gen))
+        state.advance(token)
+        ids.append(token)
+    return ids
+
+
+def test_cli_detect(tiny_gemma3_dir, tmp_path, capsys):
+    """trt-gemma watermark detect on a watermarked text (a file) and a plain one (an argument)."""
+    from trt_gemma.cli import main
+    from trt_gemma.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer.from_hf_dir(tiny_gemma3_dir)
+    config_path = tmp_path / "wm.json"
+    config_path.write_text(json.dumps({"keys": list(KEYS[:6]), "ngram_len": 3}))
+    ours = Watermarker(WatermarkConfig.from_json(config_path))
+    letters = [tokenizer.token_to_id(c) for c in "abcdefghijklmnopqrstuvwxyz "]
+    ids = _watermarked_ids(ours, letters, 150, seed=1)
+    text = tokenizer.decode(ids)
+    assert tokenizer.encode(text, add_bos=False) == ids
+    marked = tmp_path / "marked.txt"
+    marked.write_text(text)
+    plain = "".join(chr(97 + (i * 7919) % 26) for i in range(150))
+    code = main(["watermark", "detect", "--config", str(config_path), "--model",
+                 str(tiny_gemma3_dir), "--json", str(marked), plain])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["p_value"] < 1e-6 and lines[0]["num_scored_tokens"] > 100
+    assert lines[1]["p_value"] > 1e-3
+    assert lines[0] == {"input": str(marked), **detect(ours, ids).to_dict()}
+
+
+def test_detect_endpoint(tmp_path):
+    """POST /v1/watermark/detect behind the API key, through the openai client's low-level post:
+    scores equal detect() on the server tokenizer's ids; bad bodies are 400."""
+    pytest.importorskip("fastapi")
+    import httpx
+    import openai
+    from server_process import threaded_server
+    from test_server_app import VOCAB, FakeEngine, FakeTokenizer
+
+    from trt_gemma.server.app import create_app
+    from trt_gemma.server.engine_client import EngineClient
+    from trt_gemma.server.responsible import ResponsibleServing
+
+    ours = Watermarker(WatermarkConfig(keys=(*KEYS[:5], KEYS[9]), ngram_len=3))
+    letters = [c for c in range(97, 123) if c not in FakeTokenizer.stop_token_ids]  # not 'j'
+    marked = _watermarked_ids(ours, letters, 120, seed=2)
+    client = EngineClient(FakeEngine(), FakeTokenizer(), max_model_len=256, vocab_size=VOCAB,
+                          max_num_seqs=4, max_queue=4)
+    app = create_app(client, "fake", api_key="sekret", guard=ResponsibleServing(watermarker=ours))
+    with threaded_server(app) as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0, timeout=20)
+        r = sdk.post("/watermark/detect", cast_to=httpx.Response,
+                     body={"token_ids": [marked, marked[:2]]})
+        body = r.json()
+        assert body["ngram_len"] == 3 and body["depth"] == 6
+        assert '"keys"' not in json.dumps(body) and str(KEYS[9]) not in json.dumps(body)
+        first, short = body["data"]
+        expected = detect(ours, marked, eos_token_ids=FakeTokenizer.stop_token_ids).to_dict()
+        assert first == {"index": 0, **expected} and first["p_value"] < 1e-6
+        assert short["num_scored_tokens"] == 0 and short["score"] is None
+        text = "the plain text of a person, not watermarked at all, long enough to score"
+        r = sdk.post("/watermark/detect", cast_to=httpx.Response, body={"text": text})
+        got = r.json()["data"][0]
+        plain = detect(ours, FakeTokenizer().encode(text, add_bos=False),
+                       eos_token_ids=FakeTokenizer.stop_token_ids)
+        assert got["score"] == pytest.approx(plain.score) and got["p_value"] > 1e-3
+        for bad, param in (({"text": "a", "token_ids": [1]}, "text"), ({"text": []}, "text"),
+                           ({"token_ids": [VOCAB]}, "token_ids"), ({"txt": "a"}, "txt")):
+            with pytest.raises(openai.BadRequestError) as e:
+                sdk.post("/watermark/detect", cast_to=httpx.Response, body=bad)
+            assert e.value.status_code == 400 and e.value.param == param
+        assert httpx.post(f"{url}/v1/watermark/detect", json={"text": "a"}).status_code == 401

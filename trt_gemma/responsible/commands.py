@@ -64,14 +64,16 @@ def _load_tokenizer(source: str):
     return open_checkpoint(source).load_tokenizer()
 
 
-def _read_input(arg: str) -> str:
+def _read_input(arg: str) -> tuple[str, str]:
+    """(name to print, text): a file's path and contents, or the start of the text and itself."""
     path = Path(arg)
     try:
         if path.is_file():
-            return path.read_text(encoding="utf-8")
+            return arg, path.read_text(encoding="utf-8")
     except OSError:  # a long text is not a path
         pass
-    return arg
+    short = " ".join(arg.split())
+    return (short if len(short) <= 40 else short[:37] + "..."), arg
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -82,9 +84,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(args.model)
     eos = sorted(tokenizer.stop_token_ids)
     for arg in args.inputs:
-        ids = tokenizer.encode(_read_input(arg), add_bos=False)
-        result = detect(watermarker, ids, eos_token_ids=eos)
-        name = arg if len(arg) <= 40 and "\n" not in arg else arg[:37].replace("\n", " ") + "..."
+        name, text = _read_input(arg)
+        result = detect(watermarker, tokenizer.encode(text, add_bos=False), eos_token_ids=eos)
         if args.json:
             print(json.dumps({"input": name, **result.to_dict()}))
         else:
