@@ -151,6 +151,26 @@ def test_state_fork_is_independent():
     assert c.context_hash == b.context_hash and c.is_repeated_context == b.is_repeated_context
 
 
+def test_states_along_a_draft_verify_like_sequential_sampling():
+    """Speculative verification: apply() on the rows of a draft with ``along`` states equals
+    applying step by step while advancing one state (the reference's sequential processor)."""
+    ours, ref = _pair(ngram_len=3, history=8)
+    gen = torch.Generator().manual_seed(4)
+    state = ours.new_state()
+    for t in (3, 4, 5):
+        state.advance(t)
+    draft = [7, 8, 7, 8]
+    logits = torch.randn(len(draft) + 1, 300, generator=gen)
+    rows = ours.apply(logits.clone(), state.along(draft))
+    ids = torch.tensor([[0, 3, 4, 5]])
+    for k in range(3):  # the reference's calls that sampled 3, 4, 5
+        ref(ids[:, :k + 1], torch.zeros(1, 300))
+    for k in range(len(draft) + 1):
+        expected = ref(torch.tensor([[0, 3, 4, 5, *draft[:k]]]), logits[k:k + 1].clone())
+        assert torch.equal(rows[k:k + 1], expected)
+    assert state.context == [4, 5]  # unchanged
+
+
 def test_config_from_json_hides_keys(tmp_path):
     path = tmp_path / "wm.json"
     path.write_text(json.dumps({"keys": [123456789, 987654321], "ngram_len": 5,

@@ -173,6 +173,18 @@ class WatermarkState:
             self.context_hash = accumulate_hash(1, self.context)
         self.num_calls += 1
 
+    def along(self, token_ids) -> list[WatermarkState]:
+        """States at each position of a speculative draft: [this one (a fork), after
+        token_ids[0], after token_ids[:2], ...] (len(token_ids) + 1 states, this one unchanged).
+        Verification applies the watermark to row k with state k; after acceptance the
+        sequence's own state advances by the accepted tokens."""
+        states = [self.fork()]
+        for t in token_ids:
+            nxt = states[-1].fork()
+            nxt.advance(t)
+            states.append(nxt)
+        return states
+
     def fork(self) -> WatermarkState:
         other = WatermarkState.__new__(WatermarkState)
         other._config = self._config
