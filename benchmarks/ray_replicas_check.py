@@ -8,6 +8,8 @@ Starts a local Ray, deploys ``--replicas`` CPU replicas of the model behind one 
    replica's actor is killed (``ray.kill``): its requests must end with an OpenAI-style error
    (a 503 body, or an error event closing the stream) within the client's timeout, never a
    hang, an HTML page or a 500; the other replicas' requests must succeed;
+   with the prefix-aware router, requests sharing a long prefix, sent one at a time, must all
+   reach the same replica (the one holding the prefix's KV blocks);
 3. after: requests sent right after the kill must all succeed (served by the survivors);
 4. restart: Ray must bring the replica count back (serve.status), and a request must reach the
    new replica.
@@ -172,6 +174,19 @@ def run_check(source: str, replicas: int = 2, max_tokens: int = 8, kill_load: in
         report["checks"]["spread_over_all_replicas"] = (
             len(counts) == replicas and None not in counts
             and all(r["outcome"] == "ok" for r in spread))
+
+        # 1b. prefix affinity: one long shared prefix, different endings, one at a time (so
+        # the load is balanced and the prefix-aware router may follow the prefix)
+        shared = ("You are a careful assistant who answers in one short sentence. " * 5)
+        affinity = [one_request(client, 1, 2, prompt=f"{shared}Question {i}: name a colour.")
+                    for i in range(4)]
+        report["affinity"] = {"replicas": [r["replica"] for r in affinity],
+                              "outcomes": [r["outcome"] for r in affinity]}
+        log(f"shared-prefix requests went to {report['affinity']['replicas']}")
+        if router == "prefix":
+            report["checks"]["prefix_affinity"] = (
+                len(set(report["affinity"]["replicas"])) == 1
+                and all(r["outcome"] == "ok" for r in affinity))
 
         # 2. kill one replica while every replica holds requests (streams tell their replica
         # with their headers, before their first token)
