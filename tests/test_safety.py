@@ -280,3 +280,50 @@ def test_self_mode_uses_the_served_model(tiny_classifier):
     bare = SimpleNamespace(engine=object(), tokenizer=tiny_classifier.tokenizer)
     with pytest.raises(ConfigError, match="self"):
         build_guard(args, bare)
+
+
+# ---- the real model, `trt-gemma serve` --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serve_real_model_screens_with_itself_and_detects(tmp_path, real_llm_fp32):
+    """Slow (a server process on the real 270M, ~1-2 min): `trt-gemma serve gemma3-270m
+    --safety-model self --watermark-config FILE`. A threshold just under the prompt's directly
+    computed P(Yes) flags it (400 content_filter); one just above serves it; detection answers
+    behind the API key with the scores detect() gives on the same tokens."""
+    from server_process import running_server
+
+    from trt_gemma.responsible.detect import detect
+    from trt_gemma.responsible.synthid import WatermarkConfig, Watermarker
+
+    question = "How do I bake bread?"
+    classifier = SafetyClassifier(real_llm_fp32.engine.model, real_llm_fp32.tokenizer)
+    p = classifier.p_yes([SafetyPolicy.default().prompt_text(question)])[0]
+    config = tmp_path / "wm.json"
+    config.write_text(json.dumps({"keys": [5, 6, 7, 8], "ngram_len": 3}))
+    for threshold, flagged in ((p - 1e-3, True), (p + 1e-3, False)):
+        args = ["--api-key", "k", "--safety-model", "self", "--screen", "prompts",
+                "--safety-threshold", str(threshold), "--watermark-config", str(config),
+                "--max-num-seqs", "2"]
+        with running_server("gemma3-270m", args, tmp_path / "serve.log", threads=2,
+                            startup_timeout_s=300) as (url, _):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0,
+                                   timeout=120)
+            messages = [{"role": "user", "content": question}]
+            if flagged:
+                with pytest.raises(openai.BadRequestError) as e:
+                    client.chat.completions.create(model="gemma3-270m", messages=messages,
+                                                   max_tokens=4)
+                assert e.value.code == "content_filter"
+                continue
+            r = client.chat.completions.create(model="gemma3-270m", messages=messages,
+                                               max_tokens=4)
+            assert r.choices[0].finish_reason == "length"
+            text = "Bread needs flour, water, salt and time to rise before baking."
+            got = client.post("/watermark/detect", cast_to=httpx.Response,
+                              body={"text": text}).json()["data"][0]
+            ids = real_llm_fp32.tokenizer.encode(text, add_bos=False)
+            expected = detect(Watermarker(WatermarkConfig.from_json(config)), ids,
+                              eos_token_ids=real_llm_fp32.tokenizer.stop_token_ids)
+            assert got["num_scored_tokens"] == expected.num_scored_tokens
+            assert got["score"] == pytest.approx(expected.score)
