@@ -230,8 +230,22 @@ def test_routing_text_and_build_app_arguments():
         ray_serve.build_app({"source": "gemma3-270m", "colour": "blue"})
     with pytest.raises(ConfigError, match="--tensor-parallel-size"):
         ray_serve.build_app({"source": "gemma3-270m", "tensor_parallel_size": "2"})
-    app = ray_serve.build_app({"source": "gemma3-270m", "replicas": "2", "router": "pow2"})
-    assert app is not None
+    # Ray validates the options when the deployment is built; read them back from its objects
+    # (private attributes: what `serve run` would deploy).
+    app = ray_serve.build_app({"source": "gemma3-270m", "replicas": "1", "max_replicas": "3",
+                               "target_ongoing_requests": "4", "cpus_per_replica": "2"})
+    model = app._bound_deployment.init_args[0]._bound_deployment
+    config = model._deployment_config
+    assert model.name == "ModelReplica" and model.ray_actor_options["num_cpus"] == 2
+    autoscaling = config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+    assert autoscaling.target_ongoing_requests == 4
+    router = config.request_router_config.request_router_class
+    assert router.endswith("PrefixCacheAffinityRouter"), router
+    fixed = ray_serve.build_app({"source": "gemma3-270m", "replicas": "2", "router": "pow2"})
+    model = fixed._bound_deployment.init_args[0]._bound_deployment
+    assert model.num_replicas == 2 and model._deployment_config.autoscaling_config is None
+    assert "PowerOfTwo" in model._deployment_config.request_router_config.request_router_class
 
 
 @pytest.mark.slow

@@ -64,7 +64,8 @@ class ModelReplica:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine_config = {"max_num_seqs": settings.max_num_seqs, **settings.engine_config}
+        engine_config = {"max_num_seqs": 256 if device == "cuda" else 32,
+                         **settings.engine_config}
         # Loading takes seconds to minutes: off the event loop, so Ray's calls are answered.
         self.client = await asyncio.to_thread(
             EngineClient.from_source, settings.source, dtype=settings.dtype, device=device,
@@ -93,7 +94,9 @@ class ModelReplica:
         return {"replica_id": self.replica_id, "pid": os.getpid()}
 
     async def __del__(self):  # Ray calls it on graceful shutdown: drain the engine
-        await self._lifespan.shutdown()
+        lifespan = getattr(self, "_lifespan", None)  # None: __init__ failed before it
+        if lifespan is not None:
+            await lifespan.shutdown()
 
 
 async def _rest(stream, first: bytes, is_sse: bool):
