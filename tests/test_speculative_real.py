@@ -51,11 +51,12 @@ def test_ngram_greedy_identical_on_the_real_model(real):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_many_prompts_with_preemption_on_the_real_model(real, method):
-    """Slow (~2-4 min on 2 cores): 8 prompts at once, the full pool 4 blocks of 16 tokens."""
+    """Slow (~3-4 min on 2 cores): 8 prompts at once, the full pool 8 blocks of 16 tokens (the
+    longest sequence, ~100 tokens, fits alone; all 8 at once do not)."""
     prompts = GROUNDED + OPEN
     requests = [(str(i), p, greedy(40 if i < 3 else 20)) for i, p in enumerate(prompts)]
     expected, _ = _run(real, requests, max_num_seqs=8)
-    config = dict(speculative_method=method, num_speculative_tokens=4, num_kv_blocks=5,
+    config = dict(speculative_method=method, num_speculative_tokens=4, num_kv_blocks=8,
                   max_num_seqs=8, max_num_batched_tokens=64, speculative_disable_by_batch_size=0)
     got, stats = _run(real, requests, draft=real[0] if method == "draft" else None, **config)
     assert stats.num_preemptions > 0
