@@ -21,7 +21,8 @@ from trt_gemma.runtime.sampler import Sampler
 from trt_gemma.sampling_params import SamplingParams
 
 VARIANTS = ["gemma1-mqa", "gemma2-gqa", "gemma3-gqa"]
-NGRAM = dict(speculative_method="ngram", num_speculative_tokens=4, ngram_min=1, ngram_max=3)
+NGRAM = dict(speculative_method="ngram", num_speculative_tokens=4, ngram_min=1, ngram_max=3,
+             speculative_disable_by_batch_size=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -161,7 +162,8 @@ def test_draft_model_greedy_is_identical(tiny, variant):
     _, other = tiny(variant, seed=1)
     requests = [(str(i), p, greedy(24)) for i, p in enumerate(repetitive_prompts(seed=4))]
     expected = tokens_of(drain(engine(model), {0: requests}))
-    config = dict(speculative_method="draft", num_speculative_tokens=3)
+    config = dict(speculative_method="draft", num_speculative_tokens=3,
+                  speculative_disable_by_batch_size=0)
     same = engine(model, draft=model, **config)
     outs = drain(same, {0: requests[:2], 3: requests[2:]})
     assert tokens_of(outs) == expected
@@ -191,7 +193,7 @@ def test_draft_vocabulary_must_match(tiny):
 def test_no_drafts_above_the_batch_limit_nor_under_a_grammar_free_budget(tiny):
     _, model = tiny("gemma3-gqa")
     requests = [(str(i), p, greedy(12)) for i, p in enumerate(repetitive_prompts(seed=5))]
-    eng = engine(model, speculative_disable_by_batch_size=2, **NGRAM)
+    eng = engine(model, **{**NGRAM, "speculative_disable_by_batch_size": 2})
     drain(eng, {0: requests})  # five decoding at once: no step proposes
     assert spec_counts(eng) == (0, 0)
 
@@ -315,3 +317,22 @@ def test_seeded_sampling_with_speculation_is_reproducible(tiny):
         runs.append({r: o.outputs[0].token_ids for r, o in outs.items() if r != "x"})
         assert spec_counts(eng)[0] > 0
     assert runs[0] == runs[1]
+
+
+def test_metrics_expose_acceptance_counts(tiny):
+    from trt_gemma.server.metrics import ServerMetrics
+
+    _, model = tiny("gemma3-gqa")
+    eng = engine(model, **NGRAM)
+    outs = drain(eng, {0: [(str(i), p, greedy(20)) for i, p in enumerate(repetitive_prompts())]})
+    stats = eng.get_stats()
+    assert stats.spec_num_draft_tokens == sum(o.metrics.spec_num_draft_tokens
+                                              for o in outs.values())
+    assert stats.spec_num_accepted_tokens == sum(stats.spec_accepted_per_position) > 0
+    text = ServerMetrics(lambda: stats, "m").exposition().decode()
+    for name, value in [("spec_decode_num_drafts", stats.spec_num_drafts),
+                        ("spec_decode_num_draft_tokens", stats.spec_num_draft_tokens),
+                        ("spec_decode_num_accepted_tokens", stats.spec_num_accepted_tokens)]:
+        assert f'trt_gemma_{name}_total{{model_name="m"}} {float(value)}' in text
+    assert 'trt_gemma_spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"}' \
+        in text or 'position="0",model_name="m"' in text
