@@ -336,3 +336,17 @@ def test_metrics_expose_acceptance_counts(tiny):
         assert f'trt_gemma_{name}_total{{model_name="m"}} {float(value)}' in text
     assert 'trt_gemma_spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"}' \
         in text or 'position="0",model_name="m"' in text
+
+
+def test_sampled_draft_from_the_target_itself_accepts_every_draft(tiny):
+    """q = p exactly (the same model, processed the same way): rejection sampling must accept
+    every draft (u * q(x) < p(x) for u < 1), through penalties, top-p and seeds."""
+    _, model = tiny("gemma2-gqa")
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=s,
+                             presence_penalty=0.3) for s in range(3)]
+    requests = [(str(i), p, params[i]) for i, p in enumerate(repetitive_prompts(seed=9)[:3])]
+    eng = engine(model, draft=model, speculative_method="draft", num_speculative_tokens=3)
+    outs = drain(eng, {0: requests})
+    drafts, accepted = spec_counts(eng)
+    assert drafts > 0 and accepted == drafts
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs.values())

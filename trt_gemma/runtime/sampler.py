@@ -16,6 +16,10 @@ draw per step, so its tokens do not depend on which other sequences share the ba
 
 Fast path: an all-greedy batch without penalties, logprobs, grammars or pending ``min_tokens`` is
 one argmax.
+
+``process`` gives each row's processed distribution without drawing from it (``__call__`` is
+process, then draw, then logprobs): speculative verification and draft models read the same rows
+(runtime/speculative/verify.py).
 """
 
 from __future__ import annotations
