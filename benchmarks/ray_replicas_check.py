@@ -267,6 +267,69 @@ def run_check(source: str, replicas: int = 2, max_tokens: int = 8, kill_load: in
     return report
 
 
+def run_autoscale_check(source: str, max_replicas: int = 2, concurrency: int = 4,
+                        timeout_s: float = 300, log=print) -> dict:
+    """Ray's autoscaling on ongoing requests: from 1 replica (target 1 request each) to
+    ``max_replicas`` under a steady load of ``concurrency`` streams."""
+    import openai
+    import ray
+    from ray import serve
+
+    from trt_gemma.deploy.ray_serve import APP_NAME, build_application
+    from trt_gemma.deploy.settings import ReplicaSettings, ScaleSettings
+
+    report: dict = {"source": source, "max_replicas": max_replicas, "checks": {}}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+             log_to_driver=False)
+    try:
+        port = start_serve_on_free_port()
+        replica = ReplicaSettings(source=source, dtype="float32", device="cpu",
+                                  engine_config={"max_num_seqs": 4,
+                                                 "kv_cache_memory": 256 << 20},
+                                  torch_threads=1)
+        scale = ScaleSettings(replicas=1, max_replicas=max_replicas, target_ongoing_requests=1,
+                              cpus_per_replica=2 / max_replicas)
+        serve.run(build_application(replica, scale), name=APP_NAME, route_prefix="/")
+        log(f"deployed: {replica_states(APP_NAME)}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0, timeout=120)
+        client.model_name = client.models.list().data[0].id
+        stop, outcomes, lock = threading.Event(), collections.Counter(), threading.Lock()
+
+        def load(worker: int) -> None:
+            i = worker
+            while not stop.is_set():
+                r = one_request(client, 2 * i, 24, prompt=f"{i} {time.time_ns()} Tell a story:")
+                with lock:
+                    outcomes[(r["replica"], r["outcome"])] += 1
+                i += concurrency
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(concurrency) as pool:
+            for w in range(concurrency):
+                pool.submit(load, w)
+            while (time.monotonic() - t0 < timeout_s
+                   and replica_states(APP_NAME).get("RUNNING", 0) < max_replicas):
+                time.sleep(2)
+            report["scaled_up_after_s"] = round(time.monotonic() - t0, 1)
+            time.sleep(20)  # some load on the new replica too
+            stop.set()
+        report["states"] = replica_states(APP_NAME)
+        report["per_replica_outcomes"] = {f"{k[0]} {k[1]}": v for k, v in outcomes.items()}
+        log(f"autoscale: {report}")
+        report["checks"]["scaled_up"] = report["states"].get("RUNNING") == max_replicas
+        report["checks"]["all_requests_ok"] = all(k[1] == "ok" for k in outcomes)
+        report["checks"]["new_replicas_served"] = len({k[0] for k in outcomes}) == max_replicas
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    report["passed"] = all(report["checks"].values())
+    log(f"checks: {report['checks']} -> {'PASS' if report['passed'] else 'FAIL'}")
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="gemma3-270m")
@@ -276,10 +339,15 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=0.25)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--router", choices=("prefix", "pow2"), default="prefix")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="instead: 1 replica autoscaling to --replicas under load")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    report = run_check(args.source, args.replicas, args.max_tokens, args.kill_load,
-                       args.kv_cache_gib, ray_cpus=args.ray_cpus, router=args.router)
+    if args.autoscale:
+        report = run_autoscale_check(args.source, max_replicas=args.replicas)
+    else:
+        report = run_check(args.source, args.replicas, args.max_tokens, args.kill_load,
+                           args.kv_cache_gib, ray_cpus=args.ray_cpus, router=args.router)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1)

