@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "replicas yet")
         from trt_gemma.deploy.launch import serve_replicas
 
-        return serve_replicas(args, engine_config, keys)
+        return serve_replicas(args, engine_config, keys, cors)
     engine_config.update(responsible.engine_watermark_option(args))
     client = EngineClient.from_source(args.source, dtype=args.dtype, device=device,
                                       verify=not args.no_verify, max_queue=args.max_queue,
