@@ -201,6 +201,27 @@ def test_deployment_options_follow_the_settings():
     assert scaled["ray_actor_options"]["num_gpus"] == replica.tensor_parallel_size == 1
 
 
+def test_serve_flags_become_replica_and_scale_settings():
+    from trt_gemma.cli import build_parser
+    from trt_gemma.deploy.launch import settings_from_args
+
+    args = build_parser().parse_args([
+        "serve", "gemma3-270m", "--replicas", "2", "--max-replicas", "5", "--device", "cpu",
+        "--cpus-per-replica", "3", "--router", "pow2", "--shutdown-timeout", "12",
+        "--served-model-name", "g", "--max-queue", "7", "--disable-log-requests"])
+    replica, scale = settings_from_args(args, {"max_num_seqs": 4}, ["k1"], cors="CORS")
+    assert (replica.served_model_name, replica.max_queue, replica.api_keys) == ("g", 7, ("k1",))
+    assert replica.engine_config == {"max_num_seqs": 4} and replica.torch_threads == 3
+    assert replica.cors == "CORS" and not replica.access_log
+    assert (scale.replicas, scale.max_replicas, scale.router) == (2, 5, "pow2")
+    assert scale.cpus_per_replica == 3 and not scale.gpus
+    assert scale.graceful_shutdown_timeout_s == 12
+    tls = build_parser().parse_args(["serve", "x", "--replicas", "2", "--ssl-keyfile", "k.pem",
+                                     "--ssl-certfile", "c.pem"])
+    with pytest.raises(ConfigError, match="--ssl-keyfile"):  # Ray's proxy holds the socket
+        settings_from_args(tls, {}, [])
+
+
 def test_serve_refuses_tensor_parallel_above_one(capsys):
     from trt_gemma.cli import main
 

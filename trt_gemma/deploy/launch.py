@@ -11,25 +11,32 @@ import threading
 import time
 
 from trt_gemma.deploy.settings import ReplicaSettings, ScaleSettings
+from trt_gemma.errors import ConfigError
 
 logger = logging.getLogger("trt_gemma.deploy")
 
 
-def settings_from_args(args: argparse.Namespace, engine_config: dict,
-                       api_keys: list[str]) -> tuple[ReplicaSettings, ScaleSettings]:
-    """``engine_config``/``api_keys``: as ``cmd_serve`` derived them for a single server."""
+def settings_from_args(args: argparse.Namespace, engine_config: dict, api_keys: list[str],
+                       cors=None) -> tuple[ReplicaSettings, ScaleSettings]:
+    """``engine_config``/``api_keys``/``cors``: as ``cmd_serve`` derived them for a single
+    server."""
+    if args.ssl_keyfile or args.ssl_certfile:
+        # Ray's HTTP proxy, not our uvicorn, holds the socket.
+        raise ConfigError("--ssl-keyfile/--ssl-certfile are not supported with --replicas: "
+                          "terminate TLS in front of Ray Serve (a load balancer or ingress)")
     replica = ReplicaSettings(
         source=args.source, served_model_name=args.served_model_name, dtype=args.dtype,
         device=args.device, tensor_parallel_size=args.tensor_parallel_size,
         engine_config=engine_config, max_queue=args.max_queue, api_keys=tuple(api_keys),
         generation_config=args.generation_config, verify=not args.no_verify,
         max_body_bytes=args.max_body_bytes,
-        torch_threads=max(1, int(args.cpus_per_replica)) if args.device != "cuda" else None)
+        torch_threads=max(1, int(args.cpus_per_replica)) if args.device != "cuda" else None,
+        cors=cors, access_log=not args.disable_log_requests)
     scale = ScaleSettings(
         replicas=args.replicas, max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
         cpus_per_replica=args.cpus_per_replica, gpus=args.device != "cpu" and _has_gpus(args),
-        router=args.router)
+        router=args.router, graceful_shutdown_timeout_s=float(args.shutdown_timeout))
     return replica, scale
 
 
@@ -41,13 +48,14 @@ def _has_gpus(args: argparse.Namespace) -> bool:
     return torch.cuda.is_available()
 
 
-def serve_replicas(args: argparse.Namespace, engine_config: dict, api_keys: list[str]) -> int:
+def serve_replicas(args: argparse.Namespace, engine_config: dict, api_keys: list[str],
+                   cors=None) -> int:
     import ray
     from ray import serve
 
     from trt_gemma.deploy.ray_serve import APP_NAME, build_application
 
-    replica, scale = settings_from_args(args, engine_config, api_keys)
+    replica, scale = settings_from_args(args, engine_config, api_keys, cors)
     stop: list[int] = []  # set from before Ray starts: a SIGTERM during the deploy counts too
     def on_signal(signum, frame):
         stop.append(signum)

@@ -73,7 +73,8 @@ class ModelReplica:
             generation_config=settings.generation_config, **engine_config)
         name = settings.served_model_name or default_model_name(settings.source)
         self.app = create_app(self.client, name, api_key=settings.api_keys,
-                              max_body_bytes=settings.max_body_bytes)
+                              max_body_bytes=settings.max_body_bytes, cors=settings.cors,
+                              access_log=settings.access_log)
         self._lifespan = Lifespan(self.app)
         await self._lifespan.startup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id

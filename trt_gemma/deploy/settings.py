@@ -7,6 +7,7 @@ checked (and documented) without a cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from trt_gemma.errors import ConfigError
 
@@ -36,6 +37,8 @@ class ReplicaSettings:
     verify: bool = True
     max_body_bytes: int = 8 << 20
     torch_threads: int | None = None  # None: leave torch's default (OMP_NUM_THREADS)
+    cors: Any = None  # trt_gemma.server.app.CORSSettings, or None for no CORS headers
+    access_log: bool = False  # one log line per request in the replica's log
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
@@ -65,6 +68,7 @@ class ScaleSettings:
     router: str = "prefix"  # prefix: Ray's PrefixCacheAffinityRouter; pow2: Ray's default
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    graceful_shutdown_timeout_s: float = 30.0  # serve --shutdown-timeout
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -97,8 +101,8 @@ def model_deployment_options(scale: ScaleSettings, replica: ReplicaSettings) -> 
         "max_ongoing_requests": replica.max_num_seqs + replica.max_queue,
         "health_check_period_s": scale.health_check_period_s,
         "health_check_timeout_s": scale.health_check_timeout_s,
-        # Loading a model takes a while; a replica being replaced gets time to drain.
-        "graceful_shutdown_timeout_s": 30.0,
+        # A replica being stopped or replaced gets this long to finish its requests.
+        "graceful_shutdown_timeout_s": scale.graceful_shutdown_timeout_s,
     }
     if scale.max_replicas is None:
         options["num_replicas"] = scale.replicas
