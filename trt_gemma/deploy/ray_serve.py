@@ -91,9 +91,6 @@ class ModelReplica:
         if not self.client.is_alive():
             raise RuntimeError("the engine loop is not running")
 
-    def info(self) -> dict:
-        return {"replica_id": self.replica_id, "pid": os.getpid()}
-
     async def __del__(self):  # Ray calls it on graceful shutdown: drain the engine
         lifespan = getattr(self, "_lifespan", None)  # None: __init__ failed before it
         if lifespan is not None:
