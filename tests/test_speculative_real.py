@@ -51,7 +51,7 @@ def test_ngram_greedy_identical_on_the_real_model(real):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_many_prompts_with_preemption_on_the_real_model(real, method):
-    """Slow (~3-4 min on 2 cores): 8 prompts at once, the full pool 8 blocks of 16 tokens (the
+    """Slow (2-6 min on 2 shared cores): 8 prompts at once, the full pool 8 blocks of 16 tokens (the
     longest sequence, ~100 tokens, fits alone; all 8 at once do not)."""
     prompts = GROUNDED + OPEN
     requests = [(str(i), p, greedy(40 if i < 3 else 20)) for i, p in enumerate(prompts)]
