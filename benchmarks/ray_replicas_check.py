@@ -9,7 +9,8 @@ Starts a local Ray, deploys ``--replicas`` CPU replicas of the model behind one 
    (a 503 body, or an error event closing the stream) within the client's timeout, never a
    hang, an HTML page or a 500; the other replicas' requests must succeed;
    with the prefix-aware router, requests sharing a long prefix, sent one at a time, must all
-   reach the same replica (the one holding the prefix's KV blocks);
+   reach the same replica (the one holding the prefix's KV blocks), and a stream whose client
+   hangs up must stop running in its replica (read from that replica's own /metrics);
 3. after: requests sent right after the kill must all succeed (served by the survivors);
 4. restart: Ray must bring the replica count back (serve.status), and a request must reach the
    new replica.
@@ -188,6 +189,14 @@ def run_check(source: str, replicas: int = 2, max_tokens: int = 8, kill_load: in
                 len(set(report["affinity"]["replicas"])) == 1
                 and all(r["outcome"] == "ok" for r in affinity))
 
+        # 1c. a client that hangs up mid-stream: its request must be aborted in the replica
+        # (the prefix-aware router sends a /metrics probe carrying the same prompt to the
+        # replica that holds the stream, so its own gauge can be read)
+        if router == "prefix":
+            report["disconnect"] = disconnect_check(client, shared, APP_NAME)
+            log(f"client hang-up: {report['disconnect']}")
+            report["checks"]["hangup_aborts_in_replica"] = report["disconnect"]["aborted"]
+
         # 2. kill one replica while every replica holds requests (streams tell their replica
         # with their headers, before their first token)
         running = Running()
@@ -265,6 +274,48 @@ def run_check(source: str, replicas: int = 2, max_tokens: int = 8, kill_load: in
     report["passed"] = all(report["checks"].values())
     log(f"checks: {report['checks']} -> {'PASS' if report['passed'] else 'FAIL'}")
     return report
+
+
+def replica_gauge(app_name: str, prompt: str, name: str) -> tuple[str, float]:
+    """(replica id, value) of a gauge in /metrics of the replica the router picks for
+    ``prompt``: straight through the model deployment's handle, as the ingress calls it."""
+    import asyncio
+
+    from ray import serve
+
+    from trt_gemma.deploy.asgi_bridge import ForwardedRequest
+
+    handle = serve.get_deployment_handle("ModelReplica", app_name).options(
+        method_name="handle", stream=True)
+
+    async def probe():
+        parts = [p async for p in handle.remote(ForwardedRequest("GET", "/metrics",
+                                                                 prompt=prompt))]
+        text = b"".join(p if isinstance(p, bytes) else p.body for p in parts).decode()
+        value = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith(name + "{"))
+        return parts[0].header(b"x-trt-gemma-replica").decode(), value
+
+    return asyncio.run(probe())
+
+
+def disconnect_check(client, prefix: str, app_name: str) -> dict:
+    prompt = f"{prefix}Question 9: tell a very long story."
+    stream = client.completions.with_raw_response.create(
+        model=client.model_name, prompt=prompt, max_tokens=400, temperature=0, stream=True)
+    replica = stream.headers.get(REPLICA_HEADER)
+    chunks = stream.parse()
+    next(iter(chunks))
+    during = replica_gauge(app_name, prompt, "trt_gemma_requests_running")
+    chunks.close()  # hang up after the first token
+    deadline, after = time.monotonic() + 15, during
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = replica_gauge(app_name, prompt, "trt_gemma_requests_running")
+        if after[1] == 0:
+            break
+    return {"replica": replica, "running_during": during, "running_after": after,
+            "aborted": during == (replica, 1.0) and after == (replica, 0.0)}
 
 
 def run_autoscale_check(source: str, max_replicas: int = 2, concurrency: int = 4,
