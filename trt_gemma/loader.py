@@ -29,9 +29,17 @@ def is_engine_dir(source: str | Path) -> bool:
 
 
 def load_model(source: str | Path, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "cpu", verify: bool = True):
-    """(GemmaModel, GemmaTokenizer) from a checkpoint source or an engine directory."""
+               device: str | torch.device = "cpu", verify: bool = True, tp=None):
+    """(GemmaModel, GemmaTokenizer) from a checkpoint source or an engine directory.
+
+    With a ``TensorParallel`` context of size > 1 (``distributed/group.py``): the model of that
+    rank, which reads only its shard of the weights (``distributed/loading.py``).
+    """
     dtype = resolve_dtype(dtype, device)
+    if tp is not None and tp.size > 1:
+        from trt_gemma.distributed.loading import load_rank_model
+
+        return load_rank_model(source, tp, dtype, device, verify)
     if is_engine_dir(source):
         from trt_gemma.engine_dir import read_engine
         from trt_gemma.quant.runtime import prepare_for_device

@@ -1,0 +1,110 @@
+"""The tensor-parallel process group and the three collectives the model needs.
+
+One process per rank; gloo on CPU, NCCL on CUDA. Every collective waits at most ``timeout_s``:
+a rank that died (its sockets close) or stopped answering makes the others raise ``RankFailure``
+naming the collective, instead of hanging the server. ``TensorParallel(0, 1)`` is the single-rank
+context: every collective is the identity, so the model's code has one path.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trt_gemma.errors import TrtGemmaError
+
+DEFAULT_TIMEOUT_S = 60.0  # a healthy step is milliseconds; a minute means a rank is gone
+
+
+class RankFailure(TrtGemmaError, RuntimeError):
+    """A collective failed: a peer rank died, or did not answer within the timeout."""
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in the tensor-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place (row-parallel linears' partial products)."""
+        if self.size > 1:
+            self._wait("all_reduce", lambda: dist.all_reduce(t, group=self.group, async_op=True))
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` concatenated along the last dim, rank 0 first (vocab shards)."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._wait("all_gather",
+                   lambda: dist.all_gather(parts, t, group=self.group, async_op=True))
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``t`` of rank ``src`` on every rank, in place (rank 0's step inputs)."""
+        if self.size > 1:
+            self._wait("broadcast",
+                       lambda: dist.broadcast(t, src=src, group=self.group, async_op=True))
+        return t
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self._wait("barrier", lambda: dist.barrier(group=self.group, async_op=True))
+
+    def _wait(self, what: str, start: Callable[[], Any]) -> None:
+        try:
+            work = start()
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RankFailure(
+                f"tensor-parallel rank {self.rank} of {self.size}: {what} failed: a peer rank "
+                f"died or did not answer within {self.timeout_s:g} s ({cause[:200]})"
+            ) from None
+
+
+SINGLE_RANK = TensorParallel()  # no tensor parallelism: every collective is the identity
+
+
+def free_tcp_address() -> str:
+    """A ``tcp://127.0.0.1:PORT`` rendezvous address on a port free right now (single host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def default_backend(device: str | torch.device) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_tensor_parallel(rank: int, size: int, init_method: str, *, device: str = "cpu",
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:
+    """Join the group as ``rank`` (the rendezvous itself waits at most ``timeout_s``)."""
+    if size == 1:
+        return TensorParallel(0, 1, timeout_s)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank)
+    try:
+        dist.init_process_group(default_backend(device), init_method=init_method, rank=rank,
+                                world_size=size, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as e:
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RankFailure(f"tensor-parallel rank {rank} of {size}: could not join the group at "
+                          f"{init_method} within {timeout_s:g} s ({cause})") from None
+    return TensorParallel(rank, size, timeout_s)
+
+
+def close_tensor_parallel(tp: TensorParallel) -> None:
+    if tp.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
