@@ -212,6 +212,12 @@ class Watermarker:
         # base_d(c) = hash(c) * M^2 + M + 1 + key_d * M  (mod 2^64): the per-depth constant part.
         self._key_terms = [_int64(LCG_MULTIPLIER + 1 + k * LCG_MULTIPLIER) for k in config.keys]
         self._candidate_terms: dict[int, torch.Tensor] = {}  # vocab -> arange(vocab) * M^2
+        # A 2^k table (k <= 31) reads only the low bits of a hash, which int32 wrapping
+        # arithmetic gets right: half the bytes per entry on the dense path.
+        self._narrow = self._mod_mask is not None and size <= 2**31
+        # CPU: the dense path walks rows one by one so its [rows, vocab] temporaries stay in
+        # cache (32 rows at once of a 262k vocabulary: 4x slower, measured); CUDA: all at once.
+        self.dense_chunk_rows = 1 if self.device.type == "cpu" else 1 << 30
 
     def __repr__(self) -> str:
         return f"Watermarker({self.config!r}, device={self.device})"
@@ -236,11 +242,15 @@ class Watermarker:
         flat = self._table_u8.index_select(0, index.reshape(-1))
         return flat.view(index.shape).to(torch.float32)
 
-    def _candidates(self, vocab: int) -> torch.Tensor:
-        terms = self._candidate_terms.get(vocab)
+    def _candidates(self, vocab: int, narrow: bool = False) -> torch.Tensor:
+        """[vocab] v * M^2 (mod 2^64) as int64, or its low 32 bits as int32 (narrow)."""
+        key = (vocab, narrow)
+        terms = self._candidate_terms.get(key)
         if terms is None:
             terms = torch.arange(vocab, dtype=torch.int64, device=self.device) * _M2
-            self._candidate_terms[vocab] = terms
+            if narrow:
+                terms = terms.bitwise_and(0xFFFFFFFF).to(torch.int32)  # wraps to the low bits
+            self._candidate_terms[key] = terms
         return terms
 
     def g_values_for_candidates(self, context_hashes: list[int], vocab: int) -> torch.Tensor:
@@ -297,15 +307,23 @@ class Watermarker:
         return out
 
     def _tournament_dense(self, scores: torch.Tensor, hashes: list[int]) -> torch.Tensor:
-        """Every entry hashed; the same float ops in the same order as the reference."""
+        """Every entry hashed; the same float ops in the same order as the reference (rows are
+        independent, so walking them in chunks changes no bit)."""
         bases = self._bases(hashes)
-        cand = self._candidates(scores.shape[1])
-        probs = torch.softmax(scores, dim=1)
-        for d in range(self.config.depth):
-            g = self._lookup(self._table_index(cand[None, :] + bases[:, d, None]))
-            g_mass = (g * probs).sum(dim=1, keepdim=True)
-            probs = probs * (1 + g - g_mass)
-        return _finite_log(probs)
+        if self._narrow:
+            bases = _low32(bases)
+        cand = self._candidates(scores.shape[1], narrow=self._narrow)
+        out = torch.empty_like(scores)
+        step = self.dense_chunk_rows
+        for start in range(0, scores.shape[0], step):
+            rows = slice(start, start + step)
+            probs = torch.softmax(scores[rows], dim=1)
+            for d in range(self.config.depth):
+                g = self._lookup(self._table_index(cand[None, :] + bases[rows, d, None]))
+                g_mass = (g * probs).sum(dim=1, keepdim=True)
+                probs = probs * (1 + g - g_mass)
+            out[rows] = _finite_log(probs)
+        return out
 
     def _tournament_sparse(self, scores: torch.Tensor, finite: torch.Tensor,
                            hashes: list[int]) -> torch.Tensor:
@@ -329,6 +347,11 @@ class Watermarker:
         out = torch.full_like(scores, torch.finfo(scores.dtype).min)
         out[row, col] = _finite_log(probs)
         return out
+
+
+def _low32(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 values as int32 (two's complement wrap)."""
+    return x.bitwise_and(0xFFFFFFFF).to(torch.int32)
 
 
 def _finite_log(probs: torch.Tensor) -> torch.Tensor:
