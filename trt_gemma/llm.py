@@ -36,7 +36,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 class LLM:
     """A model loaded for generation. ``source`` (or ``model=``, vLLM's name for it): bundled
-    name, .gguf, HF dir or engine dir. ``device``: "auto" (CUDA when available), "cuda", "cpu".
+    name, .gguf, HF dir or engine dir; a TensorRT-LLM export or engine directory runs on
+    TensorRT-LLM (``trt_gemma/trtllm_runtime/``; ``device`` and ``verify`` do not apply).
+    ``device``: "auto" (CUDA when available), "cuda", "cpu".
     Extra keyword arguments are ``runtime.EngineConfig`` fields (``max_num_seqs``,
     ``kv_cache_memory``, ``enable_prefix_caching``...)."""
 
@@ -50,6 +52,13 @@ class LLM:
         if source is None:
             raise ConfigError("LLM: name the model to load (LLM('gemma3-270m') or "
                               "LLM(model=...))")
+        self._ids = itertools.count()
+        self.trtllm = _trtllm_engine(source, dtype, engine_config)
+        if self.trtllm is not None:  # a TensorRT engine: TensorRT-LLM picks its GPU
+            self.device, self.model, self.config, self.engine = None, None, None, None
+            self.tokenizer = self.trtllm.tokenizer
+            self.generation_defaults = dict(self.trtllm.generation_defaults)
+            return
         self.device = resolve_device(device)
         # read before the weights: a malformed generation_config.json fails at once
         self.generation_defaults = generation_defaults(source)
@@ -57,7 +66,6 @@ class LLM:
                                                 verify=verify)
         self.config = self.model.config
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_config))
-        self._ids = itertools.count()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config defaults (temperature, top_p,
@@ -75,6 +83,11 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if self.trtllm is not None:
+            first = next(self._ids)
+            for _ in range(len(prompts) - 1):
+                next(self._ids)
+            return self.trtllm.generate_all(list(prompts), list(params), first_id=first)
         # Validate every request before any runs: a bad prompt fails the call, not half of it.
         requests = [self.engine.make_request(str(next(self._ids)), prompt, p)
                     for prompt, p in zip(prompts, params, strict=True)]
@@ -129,6 +142,9 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion as they are generated (for terminals)."""
         request_id = str(next(self._ids))
+        if self.trtllm is not None:
+            yield from self.trtllm.stream_text(prompt, params, request_id)
+            return
         self.engine.add_request(request_id, prompt, params)
         emitted, finished = 0, False
         try:
@@ -144,3 +160,18 @@ class LLM:
         finally:
             if not finished:
                 self.engine.abort(request_id)
+
+
+def _trtllm_engine(source, dtype, engine_config: dict):
+    """A TrtllmEngine when ``source`` is a TensorRT-LLM export or engine directory, else None."""
+    from trt_gemma.trtllm_runtime import find_trtllm_source
+
+    found = find_trtllm_source(source)
+    if found is None:
+        return None
+    if str(dtype) != "auto":
+        raise ConfigError(f"LLM: dtype {dtype!r}: a TensorRT engine's dtype is fixed when "
+                          "trtllm-build runs; pass dtype='auto'")
+    from trt_gemma.trtllm_runtime.engine import TrtllmEngine
+
+    return TrtllmEngine.from_source(source, found=found, **engine_config)

@@ -43,7 +43,8 @@ class Reservation:
 class EngineClient:
     def __init__(self, engine, tokenizer, max_model_len: int, vocab_size: int, max_num_seqs: int,
                  max_queue: int, generation_defaults: dict | None = None):
-        self.engine = engine  # AsyncLLMEngine (or a test double with the same surface)
+        # AsyncLLMEngine, trtllm_runtime.TrtllmEngine, or a test double with the same surface
+        self.engine = engine
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len  # prompt + output tokens of one sequence
         self.vocab_size = vocab_size
@@ -58,7 +59,8 @@ class EngineClient:
     def from_source(cls, source: str, *, dtype: str = "auto", device: str = "cpu",
                     verify: bool = True, max_queue: int = 256, generation_config: str = "auto",
                     **engine_config) -> EngineClient:
-        """Load a model and start the engine thread (it idles until requests arrive).
+        """Load a model and start the engine thread (it idles until requests arrive). A
+        TensorRT-LLM engine (export or engine directory) is served by TensorRT-LLM instead.
 
         ``generation_config``: "auto" fills unset sampling fields from the checkpoint's
         generation_config.json; "vllm" ignores it (OpenAI's defaults), as vLLM's flag does."""
@@ -69,6 +71,16 @@ class EngineClient:
         if generation_config not in ("auto", "vllm"):
             raise ConfigError(f"--generation-config must be auto or vllm, got "
                               f"{generation_config!r}")
+        from trt_gemma.trtllm_runtime import find_trtllm_source
+
+        found = find_trtllm_source(source)
+        if found is not None:  # a TensorRT engine: TensorRT-LLM runs it (dtype, device: its own)
+            from trt_gemma.trtllm_runtime.engine import TrtllmEngine
+
+            engine = TrtllmEngine.from_source(source, found=found, **engine_config)
+            defaults = engine.generation_defaults if generation_config == "auto" else {}
+            return cls(engine, engine.tokenizer, engine.max_model_len, engine.vocab_size,
+                       engine.max_num_seqs, max_queue, defaults)
         # before the load: a bad file fails at once
         defaults = generation_defaults(source) if generation_config == "auto" else {}
         model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
