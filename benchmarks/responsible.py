@@ -230,6 +230,9 @@ def cmd_roc(args) -> None:
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         outputs[enabled] = [o.outputs[0].token_ids for o in outs]
+        if args.save:  # the completions, so a later scoring needs no regeneration
+            with open(f"{args.save}.{'on' if enabled else 'off'}.json", "w") as f:
+                json.dump(outputs[enabled], f)
         print(json.dumps({"watermark": enabled, "seconds": round(time.perf_counter() - start)}),
               flush=True)
     eos = sorted(llm.tokenizer.stop_token_ids)
@@ -268,6 +271,8 @@ def main() -> None:
     p = sub.add_parser("roc")
     p.add_argument("--num", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--save", default=None, metavar="PREFIX",
+                   help="write the token ids to PREFIX.on.json / PREFIX.off.json")
     p.set_defaults(func=cmd_roc)
     args = parser.parse_args()
     args.func(args)
