@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from trt_gemma.distributed.group import TensorParallel
+from trt_gemma.distributed.group import RankFailure, TensorParallel
 from trt_gemma.distributed.loading import weight_bytes
 from trt_gemma.kv_cache import ContiguousKVCache
 from trt_gemma.loader import load_model
@@ -35,9 +35,10 @@ def run_cases(tp: TensorParallel, cases: list[tuple[str, list[list[int]]]]) -> l
     return [logits_of_chunks(tp, source, chunks) for source, chunks in cases]
 
 
-def die_during_forward(tp: TensorParallel, source: str, how: str) -> None:
+def die_during_forward(tp: TensorParallel, source: str, how: str):
     """Rank 0 runs a forward; the last rank dies (``how`` = "exit") or hangs ("hang") instead of
-    joining its first all-reduce, so rank 0 is inside that collective when its peer goes."""
+    joining its first all-reduce, so rank 0 is inside that collective when its peer goes.
+    Rank 0 returns (the RankFailure it got, seconds from the forward's start to the error)."""
     torch.set_num_threads(1)
     model, _ = load_model(source, dtype="float32", tp=tp, verify=False)
     tp.barrier()  # everyone loaded: the failure happens mid-forward, not during loading
@@ -47,4 +48,9 @@ def die_during_forward(tp: TensorParallel, source: str, how: str) -> None:
             os._exit(3)
         time.sleep(3600)
     cache = ContiguousKVCache(model.config, max_len=16, dtype=torch.float32)
-    cache.forward(model, torch.tensor([2, 5, 7]))
+    start = time.perf_counter()
+    try:
+        cache.forward(model, torch.tensor([2, 5, 7]))
+    except RankFailure as e:
+        return e, time.perf_counter() - start
+    return None, time.perf_counter() - start

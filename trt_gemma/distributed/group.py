@@ -20,6 +20,7 @@ import torch.distributed as dist
 from trt_gemma.errors import TrtGemmaError
 
 DEFAULT_TIMEOUT_S = 60.0  # a healthy step is milliseconds; a minute means a rank is gone
+DEFAULT_JOIN_TIMEOUT_S = 300.0  # starting a rank: imports, then (later) its share of the weights
 
 
 class RankFailure(TrtGemmaError, RuntimeError):
@@ -89,19 +90,22 @@ def default_backend(device: str | torch.device) -> str:
 
 
 def init_tensor_parallel(rank: int, size: int, init_method: str, *, device: str = "cpu",
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:
-    """Join the group as ``rank`` (the rendezvous itself waits at most ``timeout_s``)."""
+                         timeout_s: float = DEFAULT_TIMEOUT_S,
+                         join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> TensorParallel:
+    """Join the group as ``rank``: the rendezvous waits at most ``join_timeout_s`` (ranks start
+    and import torch at their own pace), each collective at most ``timeout_s``."""
     if size == 1:
         return TensorParallel(0, 1, timeout_s)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(rank)
     try:
         dist.init_process_group(default_backend(device), init_method=init_method, rank=rank,
-                                world_size=size, timeout=timedelta(seconds=timeout_s))
+                                world_size=size,
+                                timeout=timedelta(seconds=max(timeout_s, join_timeout_s)))
     except (RuntimeError, ValueError) as e:
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RankFailure(f"tensor-parallel rank {rank} of {size}: could not join the group at "
-                          f"{init_method} within {timeout_s:g} s ({cause})") from None
+                          f"{init_method} within {join_timeout_s:g} s ({cause})") from None
     return TensorParallel(rank, size, timeout_s)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from trt_gemma.distributed.group import (
+    DEFAULT_JOIN_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
     RankFailure,
     TensorParallel,
@@ -34,7 +35,8 @@ from trt_gemma.distributed.group import (
 class LaunchConfig:
     size: int  # ranks, the caller included
     device: str = "cpu"  # "cuda": rank r uses cuda:r and NCCL; else gloo
-    timeout_s: float = DEFAULT_TIMEOUT_S  # every collective, and the rendezvous
+    timeout_s: float = DEFAULT_TIMEOUT_S  # every collective
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S  # the rendezvous: every rank started
     threads: int = 1  # torch threads per CPU rank (ranks share the machine's cores)
     init_method: str = field(default_factory=free_tcp_address)
 
@@ -43,7 +45,7 @@ def _worker_main(rank: int, launch: LaunchConfig, fn: Callable[..., Any], args: 
     if launch.device == "cpu":
         torch.set_num_threads(launch.threads)
     tp = init_tensor_parallel(rank, launch.size, launch.init_method, device=launch.device,
-                              timeout_s=launch.timeout_s)
+                              timeout_s=launch.timeout_s, join_timeout_s=launch.join_timeout_s)
     try:
         fn(tp, *args)
     finally:
@@ -66,8 +68,10 @@ class WorkerPool:
 
     def join_rank0(self) -> TensorParallel:
         """Join the group as rank 0 (after the workers were started)."""
-        return init_tensor_parallel(0, self.launch.size, self.launch.init_method,
-                                    device=self.launch.device, timeout_s=self.launch.timeout_s)
+        launch = self.launch
+        return init_tensor_parallel(0, launch.size, launch.init_method, device=launch.device,
+                                    timeout_s=launch.timeout_s,
+                                    join_timeout_s=launch.join_timeout_s)
 
     def join(self, timeout_s: float | None = None) -> None:
         """Wait for every worker to end; RankFailure naming the first that failed."""
