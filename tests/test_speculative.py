@@ -350,3 +350,19 @@ def test_sampled_draft_from_the_target_itself_accepts_every_draft(tiny):
     drafts, accepted = spec_counts(eng)
     assert drafts > 0 and accepted == drafts
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs.values())
+
+
+@pytest.mark.slow
+def test_triton_path_verifies_drafts_as_the_reference_path_decodes(tiny, monkeypatch):
+    """Slow (~1 min: the Triton kernels interpreted on CPU): drafts verified through the Triton
+    paged decode attention (one query row per draft position) give the reference's tokens."""
+    pytest.importorskip("triton")
+    _, model = tiny("gemma3-gqa")
+    requests = [(str(i), p, greedy(14)) for i, p in enumerate(repetitive_prompts(seed=10)[:2])]
+    expected = tokens_of(drain(engine(model, greedy_head_max_rows=0, block_size=4),
+                               {0: requests}))
+    monkeypatch.setenv("TRT_GEMMA_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    eng = engine(model, greedy_head_max_rows=0, block_size=4, **NGRAM)
+    assert tokens_of(drain(eng, {0: requests})) == expected
+    assert spec_counts(eng)[1] > 0
