@@ -9,6 +9,7 @@ context: every collective is the identity, so the model's code has one path.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -92,21 +93,39 @@ def default_backend(device: str | torch.device) -> str:
 def init_tensor_parallel(rank: int, size: int, init_method: str, *, device: str = "cpu",
                          timeout_s: float = DEFAULT_TIMEOUT_S,
                          join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S) -> TensorParallel:
-    """Join the group as ``rank``: the rendezvous waits at most ``join_timeout_s`` (ranks start
-    and import torch at their own pace), each collective at most ``timeout_s``."""
+    """Join the group as ``rank`` at ``init_method`` (``tcp://HOST:PORT``, rank 0 listens).
+
+    The rendezvous waits at most ``join_timeout_s`` (ranks start and import torch at their own
+    pace); the group itself is made with ``timeout_s``, so a collective stuck on a silent peer is
+    abandoned after it and the group can be destroyed (a longer group timeout would hold
+    ``destroy_process_group`` that long).
+    """
     if size == 1:
         return TensorParallel(0, 1, timeout_s)
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(rank)
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
     try:
-        dist.init_process_group(default_backend(device), init_method=init_method, rank=rank,
-                                world_size=size,
-                                timeout=timedelta(seconds=max(timeout_s, join_timeout_s)))
+        store = dist.TCPStore(host, int(port), size, is_master=rank == 0,
+                              timeout=timedelta(seconds=join_timeout_s))
+        _wait_for_all(store, size, join_timeout_s)
+        dist.init_process_group(default_backend(device), store=store, rank=rank,
+                                world_size=size, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RankFailure(f"tensor-parallel rank {rank} of {size}: could not join the group at "
                           f"{init_method} within {join_timeout_s:g} s ({cause})") from None
     return TensorParallel(rank, size, timeout_s)
+
+
+def _wait_for_all(store: Any, size: int, timeout_s: float) -> None:
+    """Every rank has reached the store (before any step with the shorter group timeout)."""
+    store.add("ranks_arrived", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("ranks_arrived", 0) < size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {store.add('ranks_arrived', 0)} of {size} ranks arrived")
+        time.sleep(0.05)
 
 
 def close_tensor_parallel(tp: TensorParallel) -> None:
