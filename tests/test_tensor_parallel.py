@@ -96,12 +96,15 @@ def results(sources):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_tp1_and_transformers(results, sources, variant, tp):
     reference = sources[variant][1]
-    single, _ = results[1][variant]
-    sharded, _ = results[tp][variant]
+    single, *_ = results[1][variant]
+    sharded, *_ = results[tp][variant]
     assert sharded.shape == reference.shape == (len(IDS), VARIANTS[variant])
     assert (single - reference).abs().max().item() < TOL
     assert (sharded - reference).abs().max().item() < TOL
     assert (sharded - single).abs().max().item() < TOL
+    # the vocab-parallel argmax (padding rows masked) picks what the gathered logits' argmax does
+    assert results[tp][variant][2] == sharded.argmax(dim=-1).tolist()
+    assert results[1][variant][2] == single.argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -111,8 +114,8 @@ def test_engine_shards_match_the_whole_engine(results, sources, quant, tp):
     so a rank's slice of the codes is exactly its slice of the dense weight: the tolerance is the
     dense one, 1e-4; only the all-reduce's summation order differs)."""
     name = f"engine-{quant}"
-    single, _ = results[1][name]
-    sharded, _ = results[tp][name]
+    single, *_ = results[1][name]
+    sharded, *_ = results[tp][name]
     assert (sharded - single).abs().max().item() < TOL
     if sources[name][1] is not None:  # the unquantized engine is the HF model itself
         assert (sharded - sources[name][1]).abs().max().item() < TOL

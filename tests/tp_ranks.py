@@ -18,15 +18,20 @@ from trt_gemma.loader import load_model
 
 
 def logits_of_chunks(tp: TensorParallel, source: str,
-                     chunks: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+                     chunks: list[list[int]]) -> tuple[torch.Tensor, list[int], list[int]]:
     """Prefill the first chunk, then decode the rest (each a forward on the contiguous KV
-    cache); returns every token's logits [tokens, vocab] and each rank's weight bytes."""
+    cache); returns every token's logits [tokens, vocab], each rank's weight bytes and every
+    token's ``greedy_tokens``."""
     model, _ = load_model(source, dtype="float32", tp=tp, verify=False)
     cache = ContiguousKVCache(model.config, max_len=64, dtype=torch.float32)
-    logits = [model.compute_logits(cache.forward(model, torch.tensor(ids))) for ids in chunks]
+    logits, greedy = [], []
+    for ids in chunks:
+        hidden = cache.forward(model, torch.tensor(ids))
+        logits.append(model.compute_logits(hidden))
+        greedy += model.greedy_tokens(hidden)
     mine = torch.tensor([weight_bytes(model)], dtype=torch.int64)
     per_rank = tp.all_gather(mine).tolist() if tp.size > 1 else mine.tolist()
-    return torch.cat(logits), per_rank
+    return torch.cat(logits), per_rank, greedy
 
 
 def run_cases(tp: TensorParallel, cases: list[tuple[str, list[list[int]]]]) -> list:

@@ -344,7 +344,7 @@ class GemmaModel:
         """
         head = self.lm_head
         if self.tp.size > 1:
-            return self.compute_logits(hidden).argmax(dim=-1).tolist()
+            return self._vocab_parallel_argmax(hidden)
         if not isinstance(head, torch.Tensor) or hidden.device.type != "cpu":
             return ops.linear(hidden, head).argmax(dim=-1).tolist()
         best_value = best_index = None
@@ -357,3 +357,16 @@ class GemmaModel:
                 best_value = torch.where(better, value, best_value)
                 best_index = torch.where(better, index + start, best_index)
         return best_index.tolist()
+
+    def _vocab_parallel_argmax(self, hidden: torch.Tensor) -> list[int]:
+        """Each rank's best id among its vocabulary rows, then the best of those: two numbers
+        per row cross ranks instead of the whole vocabulary (ties: the lowest id, as above)."""
+        logits = ops.linear(hidden, self.lm_head).float()
+        padding = self.vocab_start + logits.shape[-1] - self.config.vocab_size
+        if padding > 0:  # zero rows padding the vocabulary: never the answer
+            logits[:, logits.shape[-1] - min(padding, logits.shape[-1]):] = float("-inf")
+        value, index = logits.max(dim=-1, keepdim=True)
+        values = self.tp.all_gather(value)  # [rows, ranks]
+        indices = self.tp.all_gather(index + self.vocab_start)
+        best_rank = values.argmax(dim=-1, keepdim=True)  # first maximum: the lowest ids
+        return indices.gather(-1, best_rank).squeeze(-1).tolist()
