@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trt_gemma.errors import ConfigError
+from trt_gemma.responsible.synthid import WatermarkConfig
 
 MAX_LOGPROBS = 20  # the most top-N logprobs a request may ask for (OpenAI's cap too)
 
@@ -73,6 +74,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # reserved: not computed yet (rejected when set)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # guided decoding (trt_gemma/guided/)
+    # SynthID-Text watermark (trt_gemma/responsible/synthid.py): None follows the engine's
+    # (EngineConfig.watermark), a WatermarkConfig watermarks with it, False opts out. Its keys
+    # never show in repr. The server never sets it from a request body.
+    watermark: WatermarkConfig | bool | None = None
     extra: dict = field(default_factory=dict, compare=False)  # passthrough for callers
 
     def __post_init__(self) -> None:
@@ -99,6 +104,9 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "must be non-empty strings"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("watermark", self.watermark is None or self.watermark is False
+             or isinstance(self.watermark, WatermarkConfig),
+             "must be a WatermarkConfig, False (no watermark) or None (the engine's)"),
         ]
         for name, ok, why in checks:
             if not ok:

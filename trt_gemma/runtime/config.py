@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trt_gemma.errors import ConfigError
+from trt_gemma.responsible.synthid import WatermarkConfig
 
 GiB = 1 << 30
 
@@ -68,6 +69,9 @@ class EngineConfig:
     # No drafts in a step where more sequences than this decode: a big batch already fills the
     # GEMMs (CPU: verifying K more rows each costs more than the accepted tokens save). 0: never.
     speculative_disable_by_batch_size: int = 4
+    # SynthID-Text watermark of every request (serve --watermark-config); a request opts out with
+    # SamplingParams.watermark=False or brings its own config. None: only requests that ask.
+    watermark: WatermarkConfig | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,6 +110,8 @@ class EngineConfig:
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),
+            ("watermark", self.watermark is None or isinstance(self.watermark, WatermarkConfig),
+             "must be a WatermarkConfig or None"),
         ]
         for name, ok, why in checks:
             if not ok:
