@@ -22,6 +22,7 @@ from trt_gemma.guided import GrammarCompiler, GrammarState, tokenizer_info
 from trt_gemma.kernels.reference import FP8_DTYPE
 from trt_gemma.model import GemmaModel
 from trt_gemma.outputs import CompletionOutput, Logprob, RequestOutput
+from trt_gemma.responsible.synthid import WatermarkConfig, WatermarkState
 from trt_gemma.runtime import greedy_head
 from trt_gemma.runtime.block_manager import BlockManager, plan_groups
 from trt_gemma.runtime.config import EngineConfig
@@ -225,11 +226,20 @@ class LLMEngine:
         self._attach_text(seq)
         if compiled is not None:
             seq.grammar = GrammarState.start(compiled)  # forks give each sample its own
+        watermark = self.watermark_config(req.params)
+        if watermark is not None:
+            seq.watermark = WatermarkState(watermark)  # forks give each sample its own
         seq.num_forks_pending = req.params.n - 1
         req.seqs.append(seq)
         self.requests[req.request_id] = req
         self.num_prompt_tokens += len(req.prompt_token_ids)
         self.scheduler.add(seq)
+
+    def watermark_config(self, params: SamplingParams) -> WatermarkConfig | None:
+        """The watermark a request's sequences get: its own, none (False), else the engine's."""
+        if params.watermark is False:
+            return None
+        return params.watermark or self.config.watermark
 
     def check_structured_outputs(self, params: StructuredOutputsParams) -> None:
         """Compile the constraint (or find it in the cache); GrammarError names what does not
@@ -411,6 +421,8 @@ class LLMEngine:
             seq.cumulative_logprob += lp[0]
         if seq.grammar is not None:
             seq.grammar.accept(token)  # GrammarViolation if the mask let a forbidden token by
+        if seq.watermark is not None:
+            seq.watermark.advance(token)  # the context the next token is watermarked after
         n = seq.num_output_tokens
         if token in self.sampler.stop_token_ids(seq):  # masked until min_tokens by the sampler
             seq.finish_reason, seq.stop_reason = "stop", token

@@ -14,8 +14,15 @@ Sampling draws ``argmax(p / e)`` with ``e ~ Exp(1)`` per token (the exponential 
 drawing from p). A seeded sequence draws its noise from its own ``torch.Generator``, one ``[vocab]``
 draw per step, so its tokens do not depend on which other sequences share the batch.
 
-Fast path: an all-greedy batch without penalties, logprobs, grammars or pending ``min_tokens`` is
-one argmax.
+SynthID-Text watermark (trt_gemma/responsible/synthid.py): a watermarked row's scores go through
+``Watermarker.apply`` last, where transformers appends its processor (after penalties,
+temperature, top-k, top-p and min-p): random rows draw from the softmax of the watermarked scores,
+greedy rows take their argmax (greedy has no temperature or filters, as in transformers). Logprobs
+are read before the watermark, as the model (or the processed, unwatermarked distribution) gives
+them: a client never sees g-values through logprobs.
+
+Fast path: an all-greedy batch without penalties, logprobs, grammars, watermarks or pending
+``min_tokens`` is one argmax.
 
 ``process`` gives each row's processed distribution without drawing from it (``__call__`` is
 process, then draw, then logprobs): speculative verification and draft models read the same rows
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from trt_gemma.guided.matcher import mask_logits
+from trt_gemma.responsible.synthid import WatermarkConfig, Watermarker
 from trt_gemma.runtime.config import LOGPROBS_MODES
 from trt_gemma.runtime.sequence import Sequence
 
@@ -77,6 +85,8 @@ class Sampler:
         self.logprobs_mode = logprobs_mode
         # Noise of unseeded random rows: one engine-wide generator (reproducible per engine run).
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        # One Watermarker per distinct config (its table and candidate terms are built once).
+        self._watermarkers: dict[WatermarkConfig, Watermarker] = {}
 
     def stop_token_ids(self, seq: Sequence) -> set[int]:
         ids = set(seq.params.stop_token_ids)
@@ -89,7 +99,31 @@ class Sampler:
         """Greedy with nothing that reads or changes the logits: argmax is all it needs."""
         p = seq.params
         return (p.temperature == 0.0 and p.logprobs is None and not _has_penalty(seq)
-                and seq.num_output_tokens >= p.min_tokens and seq.grammar is None)
+                and seq.num_output_tokens >= p.min_tokens and seq.grammar is None
+                and _watermark_of(seq) is None)
+
+    def watermarker(self, config: WatermarkConfig) -> Watermarker:
+        marker = self._watermarkers.get(config)
+        if marker is None:
+            marker = self._watermarkers[config] = Watermarker(config, self.device)
+        return marker
+
+    def _watermark(self, x: torch.Tensor, seqs: list) -> torch.Tensor:
+        """Rows of x [R, vocab] (a tensor of the caller's own, changed in place) whose sequence is
+        watermarked, through its config's Watermarker (one batched apply per config)."""
+        by_config: dict[WatermarkConfig, list[int]] = {}
+        for j, seq in enumerate(seqs):
+            state = _watermark_of(seq)
+            if state is not None:
+                by_config.setdefault(state._config, []).append(j)  # noqa: SLF001
+        for config, rows in by_config.items():
+            states = [_watermark_of(seqs[j]) for j in rows]
+            if len(rows) == x.shape[0]:
+                x = self.watermarker(config).apply(x, states)
+            else:
+                idx = torch.tensor(rows, device=x.device)
+                x[idx] = self.watermarker(config).apply(x[idx], states)
+        return x
 
     @torch.inference_mode()
     def __call__(
@@ -127,6 +161,12 @@ class Sampler:
             if _has_penalty(seq):
                 _apply_penalties(logits[i], seq)
         argmax = logits.argmax(dim=-1)
+        marked_greedy = [i for i in rows if seqs[i].params.temperature == 0.0
+                         and _watermark_of(seqs[i]) is not None]
+        if marked_greedy:  # on a copy: logits stay unwatermarked for the logprobs
+            idx = torch.tensor(marked_greedy, device=logits.device)
+            marked = self._watermark(logits[idx], [seqs[i] for i in marked_greedy])
+            argmax[idx] = marked.argmax(dim=-1)
         processed = logits  # what logprobs are read from: greedy rows keep their logits
         random_rows = [i for i in rows if seqs[i].params.temperature != 0.0]
         probs = None
@@ -139,6 +179,7 @@ class Sampler:
                 processed = logits.clone()
                 processed[idx] = x
             x = self._filter(x, [seqs[i] for i in random_rows])
+            x = self._watermark(x, [seqs[i] for i in random_rows])
             probs = torch.softmax(x, dim=-1)
         return ProcessedRows(argmax, random_rows, probs, want,
                              raw if raw is not None else processed, raw is not None)
@@ -192,6 +233,11 @@ class Sampler:
             noise[idx] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype,
                                      device=probs.device).exponential_(generator=self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _watermark_of(seq):
+    """A row's WatermarkState, or None (speculative.RowView s are never watermarked)."""
+    return getattr(seq, "watermark", None)
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:

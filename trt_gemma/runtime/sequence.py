@@ -56,6 +56,10 @@ class Sequence:
         self.text = None  # runtime.detokenizer.TextState when the engine has a tokenizer
         # guided.GrammarState of a constrained request: where its output is in the grammar
         self.grammar = None
+        # responsible.synthid.WatermarkState of a watermarked sequence: its last ngram_len - 1
+        # output tokens and past context hashes. It reads only the output tokens (the prompt never
+        # seeds it, as in transformers' processor), so preemption + recompute leaves it valid.
+        self.watermark = None
         # Speculative decoding: this step's draft tokens (never in token_ids until verified), the
         # draft distribution each was drawn from ([len(spec_tokens), vocab]; None: point
         # masses, as n-gram proposals are), the adaptive K, and acceptance counts.
@@ -102,6 +106,7 @@ class Sequence:
         child.num_cached_tokens = self.num_cached_tokens
         child.block_hashes = list(self.block_hashes)
         child.grammar = self.grammar.fork() if self.grammar is not None else None
+        child.watermark = self.watermark.fork() if self.watermark is not None else None
         child.status = self.status
         return child
 

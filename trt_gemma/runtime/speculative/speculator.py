@@ -6,7 +6,9 @@ after verifying. K per sequence is capped so that no draft reaches past ``max_to
 context, and, with ``speculative_adaptive``, follows its acceptance: after a rejection the next
 proposal has one token more than were accepted, after a full acceptance K again. Steps with more
 decoding sequences than ``speculative_disable_by_batch_size`` propose nothing. Sequences under a
-grammar never speculate (their drafts would need the matcher rolled back: not worth it).
+grammar never speculate (their drafts would need the matcher rolled back: not worth it), nor
+do watermarked ones: exactness would need verification under the watermarked distribution with a
+WatermarkState per draft row (WatermarkState.along); plain decoding is the simple exact choice.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Speculator:
         seqs, ks = [], []
         for seq in decoding:
             k = self._k(seq)
-            if k > 0 and seq.grammar is None:
+            if k > 0 and seq.grammar is None and seq.watermark is None:
                 seqs.append(seq)
                 ks.append(k)
         if seqs:

@@ -32,6 +32,7 @@ class RowView:
     the sampler reads of a sequence (params, tokens, output count, generator, grammar)."""
 
     grammar = None  # constrained sequences never speculate
+    watermark = None  # nor do watermarked ones (speculator.py)
 
     def __init__(self, seq, drafts: list[int]):
         self.seq = seq
