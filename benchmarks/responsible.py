@@ -5,15 +5,15 @@
     python benchmarks/responsible.py screen       # classifier latency on the 270M
     python benchmarks/responsible.py roc          # 50 watermarked vs 50 plain completions
 
-``throughput`` and ``roc`` run the real engine with the watermark applied where the sampler will
-apply it (after temperature and top-k/top-p/min-p, before the draw): this script installs that
-hook on ``Sampler.process`` in its own process, applying ``Watermarker.apply`` to the log of the
-row's filtered distribution (the same distribution as applying it to the filtered logits).
+``throughput`` and ``roc`` run the real engine, the watermark on or off per request
+(``SamplingParams(watermark=CONFIG)``): the sampler applies it after temperature and
+top-k/top-p/min-p, where transformers' processor runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -86,38 +86,6 @@ def cmd_apply(args) -> None:
     print(json.dumps({"cpu": cpu_flags()}))
 
 
-class SamplerWatermark:
-    """Applies the watermark inside Sampler.process (see the module docstring)."""
-
-    def __init__(self, watermarker: Watermarker):
-        self.wm = watermarker
-        self.enabled = False
-        self.states: dict[int, tuple] = {}
-
-    def state_for(self, seq):
-        state, done = self.states.get(seq.seq_id, (None, 0))
-        state = state or self.wm.new_state()
-        out = seq.output_token_ids
-        for t in out[done:]:
-            state.advance(t)
-        self.states[seq.seq_id] = (state, len(out))
-        return state
-
-    def install(self) -> None:
-        from trt_gemma.runtime.sampler import Sampler
-
-        original, hook = Sampler.process, self
-
-        def process(sampler, logits, seqs):
-            rows = original(sampler, logits, seqs)
-            if hook.enabled and rows.random_rows:
-                states = [hook.state_for(seqs[i]) for i in rows.random_rows]
-                rows.probs = torch.softmax(hook.wm.apply(torch.log(rows.probs), states), dim=-1)
-            return rows
-
-        Sampler.process = process
-
-
 PROMPTS = [f"{verb} {topic}." for topic in (
     "the ocean", "a lighthouse keeper", "volcanoes", "the history of bread", "a lost robot",
     "winter in a small town", "how bees communicate", "the first day at a new job",
@@ -140,20 +108,19 @@ def chat_prompts(llm, n: int) -> list[str]:
 def cmd_throughput(args) -> None:
     from trt_gemma.sampling_params import SamplingParams
 
-    hook = SamplerWatermark(Watermarker(CONFIG))
-    hook.install()
     llm = load_llm()
     results = []
     for batch in (1, 32):
         prompts = chat_prompts(llm, batch)
         for top_k in (64, 0):
-            params = SamplingParams(temperature=1.0, top_k=top_k, max_tokens=args.max_tokens,
-                                    ignore_eos=True, seed=0)
+            plain = SamplingParams(temperature=1.0, top_k=top_k, max_tokens=args.max_tokens,
+                                   ignore_eos=True, seed=0)
             llm.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm
             row = {"batch": batch, "top_k": top_k}
             for _ in range(args.rounds):  # alternate off / on
                 for enabled in (False, True):
-                    hook.enabled = enabled
+                    params = (dataclasses.replace(plain, watermark=CONFIG) if enabled
+                              else plain)
                     start = time.perf_counter()
                     outs = llm.generate(prompts, params)
                     elapsed = time.perf_counter() - start
@@ -218,15 +185,13 @@ def reference_scores(sequences: list[list[int]], eos_id: int) -> list[float]:
 def cmd_roc(args) -> None:
     from trt_gemma.sampling_params import SamplingParams
 
-    hook = SamplerWatermark(Watermarker(CONFIG))
-    hook.install()
     llm = load_llm()
     prompts = chat_prompts(llm, args.num)
-    params = SamplingParams(temperature=1.0, top_k=64, top_p=0.95, max_tokens=args.max_tokens,
+    plain = SamplingParams(temperature=1.0, top_k=64, top_p=0.95, max_tokens=args.max_tokens,
                             min_tokens=args.max_tokens, seed=0)
     outputs = {}
     for enabled in (True, False):
-        hook.enabled = enabled
+        params = dataclasses.replace(plain, watermark=CONFIG) if enabled else plain
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         outputs[enabled] = [o.outputs[0].token_ids for o in outs]
@@ -236,7 +201,8 @@ def cmd_roc(args) -> None:
         print(json.dumps({"watermark": enabled, "seconds": round(time.perf_counter() - start)}),
               flush=True)
     eos = sorted(llm.tokenizer.stop_token_ids)
-    ours = {k: [detect(hook.wm, ids, eos_token_ids=eos) for ids in v]
+    watermarker = Watermarker(CONFIG)
+    ours = {k: [detect(watermarker, ids, eos_token_ids=eos) for ids in v]
             for k, v in outputs.items()}
     ref = {k: reference_scores(v, llm.tokenizer.eos_id) for k, v in outputs.items()}
     summary = {

@@ -153,6 +153,11 @@ class WatermarkState:
         self._counts = Counter({0: config.context_history_size})
 
     @property
+    def config(self) -> WatermarkConfig:
+        """The configuration this state follows (the sampler groups rows by it)."""
+        return self._config
+
+    @property
     def is_skipped(self) -> bool:
         """skip_first_ngram_calls: this position passes unwatermarked and unrecorded."""
         return self._config.skip_first_ngram_calls and self.num_calls + 1 < self._config.ngram_len

@@ -115,7 +115,7 @@ class Sampler:
         for j, seq in enumerate(seqs):
             state = _watermark_of(seq)
             if state is not None:
-                by_config.setdefault(state._config, []).append(j)  # noqa: SLF001
+                by_config.setdefault(state.config, []).append(j)
         for config, rows in by_config.items():
             states = [_watermark_of(seqs[j]) for j in rows]
             if len(rows) == x.shape[0]:
