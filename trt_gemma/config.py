@@ -213,6 +213,24 @@ class GemmaConfig:
         return cls.from_hf_config(data, source=str(path))
 
 
+def check_tensor_parallel_split(config: GemmaConfig, tp: int, flag: str) -> None:
+    """ConfigError (naming ``flag``) when this model's heads or MLP do not split over ``tp``
+    ranks Megatron-style: query heads and MLP width divide; KV heads divide, or (fewer KV heads
+    than ranks) each is replicated onto the same number of ranks. Shared by the native runtime's
+    shard plan and the TensorRT-LLM export."""
+    if tp < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {tp}")
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % tp:
+        raise ConfigError(f"{flag} {tp}: {heads} attention heads do not divide over {tp} ranks")
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ConfigError(f"{flag} {tp}: {kv} KV heads neither divide over {tp} ranks nor "
+                          "replicate evenly onto them")
+    if config.intermediate_size % tp:
+        raise ConfigError(f"{flag} {tp}: MLP width {config.intermediate_size} does not divide "
+                          f"over {tp} ranks")
+
+
 def _first_id(value: Any, default: int) -> int:
     if isinstance(value, list):
         value = value[0] if value else None

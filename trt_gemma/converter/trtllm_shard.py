@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trt_gemma.config import GemmaConfig, QuantConfig
+from trt_gemma.config import GemmaConfig, QuantConfig, check_tensor_parallel_split
 from trt_gemma.converter.trtllm_weights import Part, linear_parts, norm_weight
 from trt_gemma.errors import ConfigError
 
@@ -54,17 +54,7 @@ def kv_heads_per_rank(config: GemmaConfig, tp: int) -> int:
 
 def check_tensor_parallel(config: GemmaConfig, quant: QuantConfig, tp: int) -> None:
     """ConfigError when TensorRT-LLM cannot split this model over ``tp`` ranks as exported."""
-    if tp < 1:
-        raise ConfigError(f"--tp-size must be >= 1, got {tp}")
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if heads % tp:
-        raise ConfigError(f"--tp-size {tp}: {heads} attention heads do not divide over {tp} ranks")
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        raise ConfigError(f"--tp-size {tp}: {kv} KV heads neither divide over {tp} ranks nor "
-                          "replicate evenly onto them")
-    if config.intermediate_size % tp:
-        raise ConfigError(f"--tp-size {tp}: MLP width {config.intermediate_size} does not "
-                          f"divide over {tp} ranks")
+    check_tensor_parallel_split(config, tp, "--tp-size")
     if quant.mode not in ("int4", "int4-awq"):
         return
     multiple = max(64, quant.group_size) * tp

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trt_gemma.config import GemmaConfig
+from trt_gemma.config import GemmaConfig, check_tensor_parallel_split
 from trt_gemma.errors import ConfigError
 from trt_gemma.kernels.gemm_fp8 import Fp8Weight
 from trt_gemma.kernels.gemm_w4a16 import Int4Weight
@@ -56,18 +56,7 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 
 def check_shardable(config: GemmaConfig, tp: int) -> None:
     """ConfigError when this model's heads or MLP do not divide over ``tp`` ranks."""
-    if tp < 1:
-        raise ConfigError(f"--tensor-parallel-size must be >= 1, got {tp}")
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if heads % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp}: {heads} attention heads do not divide "
-                          f"over {tp} ranks")
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        raise ConfigError(f"--tensor-parallel-size {tp}: {kv} KV heads neither divide over {tp} "
-                          "ranks nor replicate evenly onto them")
-    if config.intermediate_size % tp:
-        raise ConfigError(f"--tensor-parallel-size {tp}: MLP width {config.intermediate_size} "
-                          f"does not divide over {tp} ranks")
+    check_tensor_parallel_split(config, tp, "--tensor-parallel-size")
 
 
 def rank_config(config: GemmaConfig, tp: int) -> GemmaConfig:
