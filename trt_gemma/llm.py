@@ -40,7 +40,7 @@ class LLM:
     TensorRT-LLM (``trt_gemma/trtllm_runtime/``; ``device`` and ``verify`` do not apply).
     ``device``: "auto" (CUDA when available), "cuda", "cpu".
     Extra keyword arguments are ``runtime.EngineConfig`` fields (``max_num_seqs``,
-    ``kv_cache_memory``, ``enable_prefix_caching``...)."""
+    ``kv_cache_memory``, ``enable_prefix_caching``, ``tensor_parallel_size``...)."""
 
     def __init__(self, source: str | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", verify: bool = True, *,
@@ -62,10 +62,21 @@ class LLM:
         self.device = resolve_device(device)
         # read before the weights: a malformed generation_config.json fails at once
         self.generation_defaults = generation_defaults(source)
-        self.model, self.tokenizer = load_model(source, dtype=dtype, device=self.device,
-                                                verify=verify)
-        self.config = self.model.config
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_config))
+        config = EngineConfig(**engine_config)
+        if config.tensor_parallel_size > 1:  # this process is rank 0; it starts the others
+            self.engine = LLMEngine.from_source(source, dtype, self.device, verify,
+                                                **engine_config)
+            self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
+        else:
+            self.model, self.tokenizer = load_model(source, dtype=dtype, device=self.device,
+                                                    verify=verify)
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self.config = self.model.config  # under tensor parallelism: rank 0's share of the heads
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks now (else at exit); the LLM is unusable after."""
+        if self.engine is not None:
+            self.engine.shutdown()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config defaults (temperature, top_p,

@@ -22,6 +22,9 @@ from trt_gemma.errors import TrtGemmaError
 
 DEFAULT_TIMEOUT_S = 60.0  # a healthy step is milliseconds; a minute means a rank is gone
 DEFAULT_JOIN_TIMEOUT_S = 300.0  # starting a rank: imports, then (later) its share of the weights
+# The control group's timeout: how long a worker may wait for rank 0's next step (an idle server
+# sends none). A dead rank 0 still ends the wait at once: gloo sees the connection close.
+CONTROL_TIMEOUT = timedelta(days=365)
 
 
 class RankFailure(TrtGemmaError, RuntimeError):
@@ -36,6 +39,10 @@ class TensorParallel:
     size: int = 1
     timeout_s: float = DEFAULT_TIMEOUT_S
     group: Any = None  # a torch.distributed ProcessGroup; None: the default group
+    # A gloo group with a year's timeout for rank 0's step headers: workers wait on it while the
+    # engine idles (the main group's timeout would end them), and read it from host memory on
+    # CUDA too (the header says how much device memory follows).
+    control: Any = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place (row-parallel linears' partial products)."""
@@ -59,6 +66,35 @@ class TensorParallel:
             self._wait("broadcast",
                        lambda: dist.broadcast(t, src=src, group=self.group, async_op=True))
         return t
+
+    def broadcast_control(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU int64 ``t`` of rank 0 on every rank, over the control group: rank 0 waits at
+        most ``timeout_s``, the others as long as rank 0 lives (its next step may be hours away).
+        """
+        if self.size > 1:
+            def start():
+                return dist.broadcast(t, src=0, group=self.control, async_op=True)
+
+            if self.rank == 0:
+                self._wait("step header broadcast", start)
+            else:
+                try:
+                    start().wait()
+                except RuntimeError as e:
+                    cause = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
+                    raise RankFailure(f"tensor-parallel rank {self.rank} of {self.size}: rank 0 "
+                                      f"is gone ({cause[:200]})") from None
+        return t
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of ints (equal lengths), by rank: start-up facts (memory held)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.size == 1:
+            return [values]
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._wait("all_gather", lambda: dist.all_gather(parts, t, group=self.control,
+                                                         async_op=True))
+        return [p.tolist() for p in parts]
 
     def barrier(self) -> None:
         if self.size > 1:
@@ -111,11 +147,12 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, *, device: str 
         _wait_for_all(store, size, join_timeout_s)
         dist.init_process_group(default_backend(device), store=store, rank=rank,
                                 world_size=size, timeout=timedelta(seconds=timeout_s))
+        control = dist.new_group(list(range(size)), timeout=CONTROL_TIMEOUT, backend="gloo")
     except (RuntimeError, ValueError) as e:
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RankFailure(f"tensor-parallel rank {rank} of {size}: could not join the group at "
                           f"{init_method} within {join_timeout_s:g} s ({cause})") from None
-    return TensorParallel(rank, size, timeout_s)
+    return TensorParallel(rank, size, timeout_s, control=control)
 
 
 def _wait_for_all(store: Any, size: int, timeout_s: float) -> None:

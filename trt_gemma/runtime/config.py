@@ -72,6 +72,13 @@ class EngineConfig:
     # SynthID-Text watermark of every request (serve --watermark-config); a request opts out with
     # SamplingParams.watermark=False or brings its own config. None: only requests that ask.
     watermark: WatermarkConfig | None = None
+    # Tensor parallelism: ranks the model is split over, one process each (this one is rank 0;
+    # LLMEngine.from_source starts the others). gloo on CPU, NCCL on CUDA (rank r on cuda:r).
+    # kv_cache_memory is then per rank: each holds its KV heads' share of every block.
+    tensor_parallel_size: int = 1
+    # A collective that waits longer than this means a rank died or hangs: the engine stops with
+    # RankFailure. Must exceed the longest step (a full-budget prefill on CPU takes seconds).
+    tensor_parallel_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -110,6 +117,8 @@ class EngineConfig:
             ("greedy_head_max_rows",
              self.greedy_head_max_rows is None or self.greedy_head_max_rows >= 0,
              "must be >= 0 or None"),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            ("tensor_parallel_timeout_s", self.tensor_parallel_timeout_s > 0, "must be > 0"),
             ("watermark", self.watermark is None or isinstance(self.watermark, WatermarkConfig),
              "must be a WatermarkConfig or None"),
         ]

@@ -96,6 +96,52 @@ def choose_kv_dtype(model: GemmaModel, kv_cache_dtype: str) -> torch.dtype:
     return FP8_DTYPE
 
 
+@dataclass(frozen=True)
+class RankMemory:
+    """What one tensor-parallel rank holds (the only rank, without tensor parallelism)."""
+
+    rank: int
+    weight_bytes: int  # its shard of the weights
+    kv_cache_bytes: int  # its heads' share of the paged KV cache
+
+
+def build_runner(model: GemmaModel, config: EngineConfig) -> tuple[BlockManager, int,
+                                                                     ModelRunner]:
+    """The paged KV cache's plan, its block manager, the longest sequence it admits, and the
+    model runner over it. Under tensor parallelism every rank builds the same plan: the byte
+    budget is the smallest rank's (each GPU's free memory differs), and ``mc.kv_size`` is a
+    rank's heads, so rank 0's block tables are valid on every rank."""
+    mc = model.config
+    max_len = config.max_model_len or mc.max_position_embeddings
+    if max_len > mc.max_position_embeddings:
+        raise ConfigError(f"EngineConfig.max_model_len {max_len} exceeds the model's "
+                          f"context of {mc.max_position_embeddings} tokens")
+    kv_dtype = choose_kv_dtype(model, config.kv_cache_dtype)
+    per_layer = 2 * config.block_size * mc.kv_size * kv_dtype.itemsize
+    budget = kv_cache_budget(model, config)
+    if model.tp.size > 1:
+        budget = min(b for b, in model.tp.gather_ints([budget]))
+    groups = plan_groups(mc, per_layer, budget, config.block_size, config.max_num_seqs,
+                         config.max_num_batched_tokens, config.num_kv_blocks)
+    block_manager = BlockManager(groups, config.block_size, config.enable_prefix_caching)
+    # Every admitted sequence must be able to finish alone, whatever else runs.
+    max_model_len = min(max_len, block_manager.max_tokens_per_seq())
+    runner = ModelRunner(model, block_manager, kv_dtype, config.enforce_eager,
+                         config.cuda_graph_batch_sizes, max_model_len,
+                         config.cpu_single_thread_below, config.cpu_int8_decode_max_rows,
+                         config.max_num_seqs, config.max_num_batched_tokens)
+    return block_manager, max_model_len, runner
+
+
+def report_rank_memory(runner: ModelRunner) -> list[RankMemory]:
+    """Every rank's weight and KV-cache bytes, measured on each rank and gathered (a
+    collective: every rank calls it after ``build_runner``)."""
+    from trt_gemma.distributed.loading import weight_bytes
+
+    mine = [weight_bytes(runner.model), runner.kv_cache.nbytes()]
+    return [RankMemory(r, w, kv) for r, (w, kv) in enumerate(runner.model.tp.gather_ints(mine))]
+
+
 # Where the token of a row (or the tokens of a speculating sequence's rows) came from:
 # (sequence, emitted tokens, their logprobs, drafts accepted)
 Sampled = tuple[Sequence, list[int], list[TokenLogprobs | None], int]
@@ -103,36 +149,29 @@ Sampled = tuple[Sequence, list[int], list[TokenLogprobs | None], int]
 
 class LLMEngine:
     def __init__(self, model: GemmaModel, tokenizer=None, config: EngineConfig | None = None,
-                 draft: GemmaModel | None = None):
+                 draft: GemmaModel | None = None, ranks=None):
         """``draft``: an already loaded draft model for speculative_method "draft" (else
-        ``config.draft_model`` is loaded)."""
+        ``config.draft_model`` is loaded). ``ranks``: under tensor parallelism, the worker
+        processes of ranks 1..N-1 (``distributed.engine_ranks.EngineRanks``), stopped by
+        ``shutdown``; ``model`` is then rank 0's shard."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
         mc = model.config
-        max_len = config.max_model_len or mc.max_position_embeddings
-        if max_len > mc.max_position_embeddings:
-            raise ConfigError(f"EngineConfig.max_model_len {max_len} exceeds the model's "
-                              f"context of {mc.max_position_embeddings} tokens")
-        kv_dtype = choose_kv_dtype(model, config.kv_cache_dtype)
-        per_layer = 2 * config.block_size * mc.kv_size * kv_dtype.itemsize
-        groups = plan_groups(
-            mc, per_layer, kv_cache_budget(model, config), config.block_size,
-            config.max_num_seqs, config.max_num_batched_tokens, config.num_kv_blocks,
-        )
-        self.block_manager = BlockManager(groups, config.block_size, config.enable_prefix_caching)
-        # Every admitted sequence must be able to finish alone, whatever else runs.
-        self.max_model_len = min(max_len, self.block_manager.max_tokens_per_seq())
+        if config.tensor_parallel_size != model.tp.size:
+            raise ConfigError(f"EngineConfig.tensor_parallel_size {config.tensor_parallel_size}: "
+                              f"the model was loaded for {model.tp.size} ranks "
+                              "(LLMEngine.from_source loads it for the config)")
+        self.ranks = ranks
+        self.block_manager, self.max_model_len, self.runner = build_runner(model, config)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, self.block_manager, kv_dtype, config.enforce_eager,
-                                  config.cuda_graph_batch_sizes, self.max_model_len,
-                                  config.cpu_single_thread_below, config.cpu_int8_decode_max_rows,
-                                  config.max_num_seqs, config.max_num_batched_tokens)
+        self.rank_memory = report_rank_memory(self.runner)
         self.greedy_head, self.greedy_head_max_rows = None, config.greedy_head_max_rows or 0
         auto = config.greedy_head_max_rows is None  # CPU and a big vocabulary: where it wins
         cpu = model.device.type == "cpu"
         wanted = cpu and mc.vocab_size >= 32768 if auto else self.greedy_head_max_rows > 0
-        if wanted and greedy_head.available(model.lm_head):
+        # not under tensor parallelism: the int8 screen would read one rank's vocabulary shard
+        if wanted and model.tp.size == 1 and greedy_head.available(model.lm_head):
             self.greedy_head = greedy_head.greedy_head_for(model, tokenizer)
             if auto:
                 self.greedy_head_max_rows = self.greedy_head.worthwhile_rows()
@@ -173,12 +212,27 @@ class LLMEngine:
         return Speculator(c, proposer, self.max_model_len)
 
     @classmethod
-    def from_source(cls, source: str, dtype="auto", device="cpu", **config) -> LLMEngine:
-        """Load a bundled name, .gguf, HF dir or engine dir and serve it."""
+    def from_source(cls, source: str, dtype="auto", device="cpu", verify: bool = True,
+                    **config) -> LLMEngine:
+        """Load a bundled name, .gguf, HF dir or engine dir and serve it. With
+        ``tensor_parallel_size=N`` > 1: N ranks, this process rank 0 and N - 1 worker processes
+        started here, each loading only its shard (``distributed/engine_ranks.py``)."""
+        engine_config = EngineConfig(**config)
+        if engine_config.tensor_parallel_size > 1:
+            from trt_gemma.distributed.engine_ranks import start_engine
+
+            return start_engine(source, dtype, device, verify, engine_config)
         from trt_gemma.loader import load_model
 
-        model, tokenizer = load_model(source, dtype=dtype, device=device)
-        return cls(model, tokenizer, EngineConfig(**config))
+        model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
+        return cls(model, tokenizer, engine_config)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank). Call it from the
+        thread that steps the engine, once it no longer steps."""
+        if self.ranks is not None:
+            ranks, self.ranks = self.ranks, None
+            ranks.stop(self.runner.sync)
 
     # -- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | list[int],
@@ -304,13 +358,14 @@ class LLMEngine:
                 raise RuntimeError("the scheduler found nothing to run for queued sequences")
             return []
         batch = self.runner.prepare(out)
+        # Decided before the forward: under tensor parallelism the other ranks are told which of
+        # the two (both end in a collective). Forks share their parent's params and state.
+        greedy = all(self.sampler.is_plain_greedy(s) for s in batch.sample_seqs)
         with self.runner.threads_for(out.num_tokens):
-            hidden = self.runner.run(batch)  # [rows to sample, hidden]
+            hidden = self.runner.run(batch, greedy)  # [rows to sample, hidden]
             self.scheduler.advance(out)
             seqs, rows = self._fork(batch.sample_seqs)
-            if len(rows) != hidden.shape[0]:
-                hidden = hidden[torch.tensor(rows, device=hidden.device)]
-            sampled = self._sample(hidden, seqs)
+            sampled = self._sample(hidden, seqs, rows, greedy)
         finished: list[Sequence] = []
         touched: dict[str, Request] = {}
         for seq, tokens, logprobs, accepted in sampled:
@@ -336,25 +391,32 @@ class LLMEngine:
                 self.num_finished_requests += 1
         return outputs
 
-    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
+    def _sample(self, hidden: torch.Tensor, seqs: list[Sequence], rows: list[int],
+                greedy: bool) -> list[Sampled]:
         """hidden [rows, hidden]: one row per sequence, 1 + K consecutive rows for a sequence
-        that verifies K drafts (seqs repeats it)."""
+        that verifies K drafts; seqs[i] samples from row rows[i] (forks share their parent's
+        row). ``greedy``: every sequence is plain greedy."""
         groups, first = [], 0  # (sequence, its first row, its rows)
         while first < len(seqs):
             n = 1 + len(seqs[first].spec_tokens)
             groups.append((seqs[first], first, n))
             first += n
-        if all(self.sampler.is_plain_greedy(s) for s, _, _ in groups):
-            if self.greedy_head is not None and len(seqs) <= self.greedy_head_max_rows:
+        forked = len(rows) != hidden.shape[0]
+        if greedy:
+            if self.greedy_head is not None and hidden.shape[0] <= self.greedy_head_max_rows:
                 tokens = self.greedy_head(hidden)
             else:
                 tokens = self.runner.greedy_tokens(hidden)
+            if forked:
+                tokens = [tokens[r] for r in rows]
             out = []
             for seq, f, n in groups:
                 emitted = accept_greedy(seq.spec_tokens, tokens[f:f + n])
                 out.append((seq, emitted, [None] * len(emitted), len(emitted) - 1))
             return out
-        logits = self.model.compute_logits(hidden)
+        logits = self.runner.compute_logits(hidden)
+        if forked:
+            logits = logits[torch.tensor(rows, device=logits.device)]
         if all(n == 1 for _, _, n in groups):
             s = self.sampler(logits, seqs)
             return [(seq, [t], [lp], 0)

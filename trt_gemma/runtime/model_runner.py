@@ -8,11 +8,17 @@ Inputs are written in place into persistent buffers (runtime/step_inputs.py) and
 in one copy per step; decode block tables are kept per sequence across steps and only their
 changes are written. CUDA-graph steps fill the graph's own input buffer, which the captured graphs
 read directly.
+
+With tensor parallelism (``model.tp.size > 1``) every rank has a ModelRunner over its shard and
+its heads' share of the KV cache: rank 0's ``run`` first sends the step to the others
+(runtime/step_sync.py), which ``follow`` it: same buffer layout, same forward, same tail
+collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from trt_gemma.runtime.paged_attention import (
 )
 from trt_gemma.runtime.scheduler import SchedulerOutput
 from trt_gemma.runtime.sequence import Sequence
+from trt_gemma.runtime.step_sync import OP_GREEDY, OP_LOGITS, OP_STOP, StepHeader, StepSync
 from trt_gemma.runtime.step_inputs import (
     BlockTableRows,
     StepBuffer,
@@ -53,6 +60,10 @@ class Batch:
         self.logits_indices = logits_indices  # [num_samples] rows of the hidden states to sample
         self.sample_seqs = sample_seqs  # the sequence of each of those rows
         self.graph_size = graph_size  # > 0: a decode step whose inputs fill that CUDA graph's
+        # Tensor parallelism: the sizes the other ranks lay the step out from, and the words of
+        # the step buffer to send them (set by ModelRunner.prepare on rank 0 only)
+        self.header: StepHeader | None = None
+        self.words: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -73,13 +84,17 @@ class ModelRunner:
                                 model.kv_scales if self.fp8_kv else None)
         # Batched CPU decode attention where ops would run the per-sequence references.
         self.cpu_fast_path = not ops.use_triton(model.embed) and not self.fp8_kv
-        # CPU bf16/fp16: small steps run an INT8 twin of the model (runtime/int8_decode.py)
+        # Tensor parallelism: the per-step message to (rank 0) or from (others) the other ranks
+        self.sync = StepSync(model.tp, len(block_manager.windows)) if model.tp.size > 1 else None
+        # CPU bf16/fp16: small steps run an INT8 twin of the model (runtime/int8_decode.py); not
+        # under tensor parallelism (the twin would be a whole model, without the collectives)
         self.small_model, self.small_max_rows = None, 0
-        if int8_decode_max_rows and int8_decode.available(model):
+        if int8_decode_max_rows and int8_decode.available(model) and self.sync is None:
             self.small_model = int8_decode.int8_twin(model)
             self.small_max_rows = int8_decode_max_rows
         self.threads = None  # CPU: the measured thread count of small steps (cpu_threads.py)
-        if self.device.type == "cpu" and single_thread_below:
+        # (not under tensor parallelism: ranks must not time steps differently)
+        if self.device.type == "cpu" and single_thread_below and self.sync is None:
             self.threads = ThreadChooser(torch.get_num_threads(), single_thread_below)
         # Persistent inputs: one packed buffer (grows if a step needs more), the decodes' block
         # tables, the pinned buffer sampled tokens come back through.
@@ -139,7 +154,13 @@ class ModelRunner:
         if graph_size:
             self.graphs.pad(f, graph_size, rows)
         buf.upload()
-        return self._batch(f, rows, num_tokens, len(sample_seqs), sample_seqs, graph_size)
+        batch = self._batch(f, rows, num_tokens, len(sample_seqs), sample_seqs, graph_size)
+        if self.sync is not None:
+            batch.header = StepHeader(
+                OP_STOP, graph_size, num_tokens, len(sample_seqs), rows, len(seqs) - d,
+                None if key_counts is None else tuple(key_counts), tuple(widths), buf.used)
+            batch.words = buf.dev[:buf.used]
+        return batch
 
     def _first_key(self, seq: Sequence, window: int | None) -> int:
         """First key a prefill chunk of seq reads in a group of this window."""
@@ -231,12 +252,20 @@ class ModelRunner:
 
     # -- run ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:  # [num_samples, hidden]
-        """The final hidden states of the rows to sample (logits are the caller's choice)."""
+    def run(self, batch: Batch, greedy: bool = True) -> torch.Tensor:  # [num_samples, hidden]
+        """The final hidden states of the rows to sample. The caller then takes either
+        ``greedy_tokens`` (``greedy``) or ``compute_logits`` of them: under tensor parallelism
+        the other ranks are told which, as both end in a collective."""
         copies = self.block_manager.pending_copies
+        if self.sync is not None:
+            op = OP_GREEDY if greedy else OP_LOGITS
+            self.sync.send(dataclasses.replace(batch.header, op=op), batch.words, copies)
         if copies:
             self.kv_cache.copy_blocks(copies)
             copies.clear()
+        return self._forward(batch)
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
         if batch.graph_size:
             hidden = self.graphs.run(batch)
         else:
@@ -251,9 +280,41 @@ class ModelRunner:
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:  # hidden: [rows, hidden]
         """The argmax token of each row. On CUDA the ids come back through a pinned buffer (one
         non-blocking copy, one synchronisation) instead of ``.tolist()``'s pageable copy."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.sync is not None:  # TP: a vocab-parallel argmax
             return self.model.greedy_tokens(hidden)
         return self.read_tokens(ops.linear(hidden, self.model.lm_head).argmax(dim=-1))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, vocab] float32
+        return self.model.compute_logits(hidden)
+
+    # -- tensor parallelism: ranks 1..N-1 ----------------------------------------------------------
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Run the steps rank 0 sends, until it says stop (or dies: RankFailure)."""
+        while True:
+            h = self.sync.receive()
+            if h.op == OP_STOP:
+                return
+            if h.graph_size:
+                buf, f = self.graphs.buffer, self.graphs.fields(h.graph_size)
+            else:
+                buf = self.step_buffer
+                f = reserve_step(buf, h.num_tokens, h.num_samples, h.num_decodes,
+                                 h.num_prefills, None if h.key_counts is None
+                                 else list(h.key_counts), list(h.widths))
+            if buf.used != h.used_words:  # the two sides disagree on the layout: a bug
+                raise RuntimeError(f"tensor-parallel rank {self.sync.tp.rank}: step layout of "
+                                   f"{buf.used} words, rank 0 sent {h.used_words}")
+            copies = self.sync.receive_payload(h, buf.dev[:buf.used])
+            if copies:
+                self.kv_cache.copy_blocks(copies)
+            batch = self._batch(f, h.num_decodes, h.num_tokens, h.num_samples, [],
+                                h.graph_size)
+            hidden = self._forward(batch)
+            if h.op == OP_GREEDY:
+                self.model.greedy_tokens(hidden)
+            else:
+                self.model.compute_logits(hidden)
 
     def threads_for(self, num_tokens: int):
         """Context for a step of num_tokens: on CPU, small steps run on the thread count measured
