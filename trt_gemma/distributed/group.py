@@ -43,11 +43,17 @@ class TensorParallel:
     # engine idles (the main group's timeout would end them), and read it from host memory on
     # CUDA too (the header says how much device memory follows).
     control: Any = None
+    # gloo: wait for each collective on the host, at most timeout_s (how a dead peer is noticed).
+    # NCCL: never. A host wait with a timeout polls the collective's end on the CPU (a stall per
+    # all-reduce) and cannot run inside CUDA-graph capture; NCCL's own watchdog enforces the
+    # group's timeout instead (it aborts the communicator and ends the process with its error).
+    host_wait: bool = True
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place (row-parallel linears' partial products)."""
         if self.size > 1:
-            self._wait("all_reduce", lambda: dist.all_reduce(t, group=self.group, async_op=True))
+            self._wait("all_reduce", lambda: dist.all_reduce(t, group=self.group, async_op=True),
+                       self.host_wait)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,14 +63,16 @@ class TensorParallel:
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         self._wait("all_gather",
-                   lambda: dist.all_gather(parts, t, group=self.group, async_op=True))
+                   lambda: dist.all_gather(parts, t, group=self.group, async_op=True),
+                   self.host_wait)
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """``t`` of rank ``src`` on every rank, in place (rank 0's step inputs)."""
         if self.size > 1:
             self._wait("broadcast",
-                       lambda: dist.broadcast(t, src=src, group=self.group, async_op=True))
+                       lambda: dist.broadcast(t, src=src, group=self.group, async_op=True),
+                       self.host_wait)
         return t
 
     def broadcast_control(self, t: torch.Tensor) -> torch.Tensor:
@@ -100,10 +108,13 @@ class TensorParallel:
         if self.size > 1:
             self._wait("barrier", lambda: dist.barrier(group=self.group, async_op=True))
 
-    def _wait(self, what: str, start: Callable[[], Any]) -> None:
+    def _wait(self, what: str, start: Callable[[], Any], host: bool = True) -> None:
         try:
             work = start()
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
+            if host:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            else:  # NCCL: the current stream waits for it, the host does not
+                work.wait()
         except RuntimeError as e:
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RankFailure(
@@ -152,7 +163,8 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, *, device: str 
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RankFailure(f"tensor-parallel rank {rank} of {size}: could not join the group at "
                           f"{init_method} within {join_timeout_s:g} s ({cause})") from None
-    return TensorParallel(rank, size, timeout_s, control=control)
+    return TensorParallel(rank, size, timeout_s, control=control,
+                          host_wait=default_backend(device) == "gloo")
 
 
 def _wait_for_all(store: Any, size: int, timeout_s: float) -> None:
