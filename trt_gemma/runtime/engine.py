@@ -401,6 +401,8 @@ class LLMEngine:
             n = 1 + len(seqs[first].spec_tokens)
             groups.append((seqs[first], first, n))
             first += n
+        if not seqs:  # a step of prefill chunks that end mid-prompt (the other ranks skip too)
+            return []
         forked = len(rows) != hidden.shape[0]
         if greedy:
             if self.greedy_head is not None and hidden.shape[0] <= self.greedy_head_max_rows:

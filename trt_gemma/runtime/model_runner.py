@@ -311,6 +311,8 @@ class ModelRunner:
             batch = self._batch(f, h.num_decodes, h.num_tokens, h.num_samples, [],
                                 h.graph_size)
             hidden = self._forward(batch)
+            if not h.num_samples:  # rank 0 samples nothing either
+                continue
             if h.op == OP_GREEDY:
                 self.model.greedy_tokens(hidden)
             else:
