@@ -51,19 +51,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
+    from trt_gemma.distributed.flags import tensor_parallel_options
     from trt_gemma.runtime.speculative.flags import speculative_options
 
     llm = LLM(args.source, dtype=args.dtype, device=args.device, verify=not args.no_verify,
-              kv_cache_dtype=args.kv_cache_dtype, **speculative_options(args))
-    prompt = args.prompt
-    if args.chat:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    start = time.perf_counter()
-    if not args.quiet:
-        print(args.prompt if not args.chat else "", end="", flush=True)
-    for piece in llm.stream(prompt, params):
-        print(piece, end="", flush=True)
-    elapsed = time.perf_counter() - start
+              kv_cache_dtype=args.kv_cache_dtype, **speculative_options(args),
+              **tensor_parallel_options(args))
+    try:  # with -tp > 1: stop the other ranks however generation ends
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        if not args.quiet:
+            print(args.prompt if not args.chat else "", end="", flush=True)
+        for piece in llm.stream(prompt, params):
+            print(piece, end="", flush=True)
+        elapsed = time.perf_counter() - start
+    finally:
+        llm.shutdown()
     print()
     if not args.quiet:
         print(f"[{elapsed:.2f} s]", file=sys.stderr)
@@ -122,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trt_gemma.runtime.speculative.flags import add_speculative_arguments
 
     add_speculative_arguments(p)
+    from trt_gemma.distributed.flags import add_tensor_parallel_argument
+
+    add_tensor_parallel_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="config, parameter count and sizes of a model or engine")

@@ -9,6 +9,7 @@ other command's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import os
@@ -123,6 +124,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     from trt_gemma.runtime.speculative.flags import add_speculative_arguments
 
     add_speculative_arguments(p)
+    from trt_gemma.distributed.flags import add_tensor_parallel_argument
+
+    add_tensor_parallel_argument(p)
     p.add_argument("--plot", default=None, help="PNG: latency distribution, tokens over time, "
                                                 "telemetry")
     p.add_argument("--telemetry-interval", type=float, default=0.1, help="seconds")
@@ -134,9 +138,8 @@ def _device(args: argparse.Namespace):
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _engine(args: argparse.Namespace, target):
-    from trt_gemma.runtime import EngineConfig, LLMEngine
-
+def _engine_options(args: argparse.Namespace) -> dict:
+    """EngineConfig fields of the command line."""
     kw = {"kv_cache_dtype": args.kv_cache_dtype,
           "greedy_head_max_rows": args.greedy_head_max_rows,
           "cpu_int8_decode_max_rows": args.cpu_int8_decode_max_rows}
@@ -151,7 +154,10 @@ def _engine(args: argparse.Namespace, target):
     from trt_gemma.runtime.speculative.flags import speculative_options
 
     kw.update(speculative_options(args))
-    return LLMEngine(target.model, target.tokenizer, EngineConfig(**kw))
+    from trt_gemma.distributed.flags import tensor_parallel_options
+
+    kw.update(tensor_parallel_options(args))
+    return kw
 
 
 def _spec_snapshot(engine) -> tuple[int, int, int]:
@@ -188,6 +194,9 @@ def _engine_record(engine) -> dict:
             "num_kv_blocks": list(engine.get_stats().num_kv_blocks),
             "greedy_head_max_rows": engine.greedy_head_max_rows if engine.greedy_head else 0,
             "cpu_int8_decode_max_rows": c.cpu_int8_decode_max_rows,
+            # Under tensor parallelism the model, bandwidth and KV figures are rank 0's share.
+            "tensor_parallel_size": c.tensor_parallel_size,
+            "rank_memory": [dataclasses.asdict(m) for m in engine.rank_memory],
             "speculative": None if c.speculative_method is None else {
                 "method": c.speculative_method, "num_speculative_tokens": c.num_speculative_tokens,
                 "draft_model": c.draft_model, "ngram_min": c.ngram_min, "ngram_max": c.ngram_max,
@@ -196,11 +205,19 @@ def _engine_record(engine) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    from trt_gemma.bench.target import load_target
+    """(BenchTarget, LLMEngine); with -tp N > 1 the engine's ranks are started here too and
+    must be stopped with ``engine.shutdown()``."""
+    from trt_gemma.bench.target import load_target, start_sharded_target
+    from trt_gemma.runtime import EngineConfig, LLMEngine
 
-    return load_target(args.source, random_weights=args.random_weights,
-                       preset_name=args.preset, num_layers=args.num_layers, dtype=args.dtype,
-                       device=_device(args), verify=not args.no_verify)
+    options = _engine_options(args)
+    where = {"random_weights": args.random_weights, "preset_name": args.preset,
+             "num_layers": args.num_layers, "dtype": args.dtype, "device": _device(args),
+             "verify": not args.no_verify}
+    if options.get("tensor_parallel_size", 1) > 1:
+        return start_sharded_target(args.source, engine_config=options, **where)
+    target = load_target(args.source, **where)
+    return target, LLMEngine(target.model, target.tokenizer, EngineConfig(**options))
 
 
 def _bos(target) -> int | None:
@@ -243,34 +260,37 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         raise ConfigError("--peer-model names the model of a URL --peer: none given")
     if args.dataset is not None and not Path(args.dataset).is_file():
         raise ConfigError(f"--dataset {args.dataset}: no such file")
-    target = _load(args)
+    target, engine = _load(args)
     model = target.model
-    if args.dataset is not None:
-        requests = load_dataset(args.dataset, target.tokenizer, model.config.vocab_size)
-        workload = {"kind": "dataset", "dataset": str(args.dataset)}
-    else:
-        requests = synthetic(args.num_requests, args.input_len, args.output_len,
-                             model.config.vocab_size, args.len_spread, args.seed, _bos(target))
-        workload = {"kind": "synthetic", "input_len": args.input_len,
-                    "output_len": args.output_len, "len_spread": args.len_spread,
-                    "seed": args.seed}
-    workload.update(describe(requests))
-    engine = _engine(args, target)
-    runner.check_fits(engine, requests)
-    engine_record = _engine_record(engine)
-    runner.warm_up(engine, requests)
-    spec_before = _spec_snapshot(engine)
-    traces = []
-    with _telemetry(model, args.telemetry_interval) as tm:
-        for i in range(args.rounds):
-            engine.block_manager.reset_prefix_cache()  # no round finds the last one's prompts
-            traces.append(runner.run(engine, requests, prefix=f"round{i}-"))
-    trace = min(traces, key=lambda t: t.elapsed_s)
-    kv_itemsize = choose_kv_dtype(model, engine.config.kv_cache_dtype).itemsize
-    res = throughput.results(model, kv_itemsize, requests, trace,
-                             engine.get_stats().num_kv_blocks)
-    res["rounds"] = _rounds_record(traces, trace)
-    res["speculative"] = _spec_record(engine, spec_before)
+    try:
+        if args.dataset is not None:
+            requests = load_dataset(args.dataset, target.tokenizer, model.config.vocab_size)
+            workload = {"kind": "dataset", "dataset": str(args.dataset)}
+        else:
+            requests = synthetic(args.num_requests, args.input_len, args.output_len,
+                                 model.config.vocab_size, args.len_spread, args.seed,
+                                 _bos(target))
+            workload = {"kind": "synthetic", "input_len": args.input_len,
+                        "output_len": args.output_len, "len_spread": args.len_spread,
+                        "seed": args.seed}
+        workload.update(describe(requests))
+        runner.check_fits(engine, requests)
+        engine_record = _engine_record(engine)
+        runner.warm_up(engine, requests)
+        spec_before = _spec_snapshot(engine)
+        traces = []
+        with _telemetry(model, args.telemetry_interval) as tm:
+            for i in range(args.rounds):
+                engine.block_manager.reset_prefix_cache()  # no round finds the last's prompts
+                traces.append(runner.run(engine, requests, prefix=f"round{i}-"))
+        trace = min(traces, key=lambda t: t.elapsed_s)
+        kv_itemsize = choose_kv_dtype(model, engine.config.kv_cache_dtype).itemsize
+        res = throughput.results(model, kv_itemsize, requests, trace,
+                                 engine.get_stats().num_kv_blocks)
+        res["rounds"] = _rounds_record(traces, trace)
+        res["speculative"] = _spec_record(engine, spec_before)
+    finally:
+        engine.shutdown()  # the other tensor-parallel ranks, if any
     del engine  # its KV cache: the peers need the memory
     gc.collect()
     env = report.environment(model.device, target.info)
@@ -388,15 +408,17 @@ def cmd_latency(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peer-timeout must be > 0, got {args.peer_timeout}")
     servers = peers.check_peers(args.peer, args.source, urls=True, url_model=args.peer_model,
                                 api_key=args.peer_api_key)
-    target = _load(args)
-    engine = _engine(args, target)
-    probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
-    runner.check_fits(engine, probe)
-    spec_before = _spec_snapshot(engine)
-    with _telemetry(target.model, args.telemetry_interval) as tm:
-        res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
-                                      args.iterations, _bos(target), args.seed)
-    spec = _spec_record(engine, spec_before)
+    target, engine = _load(args)
+    try:
+        probe = synthetic(1, args.input_len, args.output_len, target.model.config.vocab_size)
+        runner.check_fits(engine, probe)
+        spec_before = _spec_snapshot(engine)
+        with _telemetry(target.model, args.telemetry_interval) as tm:
+            res, traces = latency.measure(engine, batch_sizes, args.input_len, args.output_len,
+                                          args.iterations, _bos(target), args.seed)
+        spec = _spec_record(engine, spec_before)
+    finally:
+        engine.shutdown()  # the other tensor-parallel ranks, if any
     for b, r in res.items():
         print(f"batch {b}: TTFT mean {_fmt(r['ttft_s']['mean'], 1e3, ' ms')} "
               f"p99 {_fmt(r['ttft_s']['p99'], 1e3, ' ms')}; per token mean "

@@ -56,7 +56,7 @@ def random_model(config: GemmaConfig, dtype: torch.dtype, device: str, seed: int
 def load_target(source: str | None, *, random_weights: bool, preset_name: str | None,
                 num_layers: int | None, dtype: str, device: str, verify: bool = True
                 ) -> BenchTarget:
-    from trt_gemma.loader import is_engine_dir, load_model, resolve_dtype
+    from trt_gemma.loader import load_model, resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, device)
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -75,6 +75,34 @@ def load_target(source: str | None, *, random_weights: bool, preset_name: str | 
                 "layers_truncated": config.num_hidden_layers != full.num_hidden_layers,
                 "quant": "none", "dtype": dtype_name}
         return BenchTarget(model, None, info)
+    _check_source_args(source, preset_name, num_layers)
+    model, tokenizer = load_model(source, dtype=torch_dtype, device=device, verify=verify)
+    return BenchTarget(model, tokenizer, _source_info(source, model, dtype_name))
+
+
+def start_sharded_target(source: str | None, *, random_weights: bool, preset_name: str | None,
+                         num_layers: int | None, dtype: str, device: str, verify: bool,
+                         engine_config: dict):
+    """(BenchTarget, LLMEngine) over ``engine_config["tensor_parallel_size"]`` ranks: the
+    engine loads rank 0's shard here and starts the other ranks (``LLMEngine.from_source``);
+    the target's model is rank 0's shard (its config has rank 0's heads)."""
+    from trt_gemma.loader import resolve_dtype
+    from trt_gemma.runtime import LLMEngine
+
+    size = engine_config["tensor_parallel_size"]
+    if random_weights:
+        raise ConfigError(f"--random-weights with --tensor-parallel-size {size}: each rank "
+                          "loads its shard from a checkpoint; give a SOURCE instead")
+    _check_source_args(source, preset_name, num_layers)
+    torch_dtype = resolve_dtype(dtype, device)
+    engine = LLMEngine.from_source(source, dtype=torch_dtype, device=device, verify=verify,
+                                   **engine_config)
+    info = _source_info(source, engine.model, str(torch_dtype).removeprefix("torch."))
+    return BenchTarget(engine.model, engine.tokenizer, info), engine
+
+
+def _check_source_args(source: str | None, preset_name: str | None,
+                       num_layers: int | None) -> None:
     if preset_name is not None:
         raise ConfigError("--preset applies to --random-weights only")
     if num_layers is not None:
@@ -82,13 +110,16 @@ def load_target(source: str | None, *, random_weights: bool, preset_name: str | 
     if source is None:
         raise ConfigError("SOURCE (a bundled name, .gguf, HF dir or engine dir) is required "
                           "unless --random-weights is given")
+
+
+def _source_info(source: str, model: GemmaModel, dtype_name: str) -> dict[str, Any]:
+    from trt_gemma.loader import is_engine_dir
+
     quant = "none"
     if is_engine_dir(source):
         from trt_gemma.engine_dir import read_engine
 
         quant = read_engine(source, verify=False).quant.mode
-    model, tokenizer = load_model(source, dtype=torch_dtype, device=device, verify=verify)
-    info = {"source": str(source), "random_weights": False, "preset": None,
+    return {"source": str(source), "random_weights": False, "preset": None,
             "num_layers": model.config.num_hidden_layers, "layers_truncated": False,
-            "quant": quant, "dtype": dtype_name}
-    return BenchTarget(model, tokenizer, info)
+            "quant": quant, "dtype": dtype_name, "tensor_parallel_size": model.tp.size}

@@ -73,6 +73,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip engine checksum verification")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    from trt_gemma.distributed.flags import add_tensor_parallel_argument
+
+    add_tensor_parallel_argument(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -165,18 +168,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ConfigError(f"--max-tokens must be >= 2 (BOS + one token), got {args.max_tokens}")
+    from trt_gemma.distributed.flags import tensor_parallel_size
+
+    size = tensor_parallel_size(args)
     text = read_text(args.text)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    model, tokenizer = load_model(args.source, dtype=args.dtype, device=device,
-                                  verify=not args.no_verify)
-    ids = text_ids(tokenizer, text, args.max_tokens)
-    result = perplexity(model, ids, tokenizer.bos_id, window=args.window)
+    if size > 1:  # every rank scores its shard (SPMD); rank 0's result
+        from trt_gemma.distributed.eval_ranks import EvalJob, tensor_parallel_perplexity
+
+        job = EvalJob(str(args.source), text, args.dtype, torch.device(device).type,
+                      not args.no_verify, args.max_tokens, args.window)
+        result, dtype = tensor_parallel_perplexity(job, size, args.tensor_parallel_timeout)
+    else:
+        model, tokenizer = load_model(args.source, dtype=args.dtype, device=device,
+                                      verify=not args.no_verify)
+        ids = text_ids(tokenizer, text, args.max_tokens)
+        result = perplexity(model, ids, tokenizer.bos_id, window=args.window)
+        dtype = model.dtype
     elapsed = time.perf_counter() - start
     if args.json:
         print(json.dumps({"source": str(args.source), "text": args.text, **result.to_dict(),
-                          "dtype": str(model.dtype).removeprefix("torch."),
-                          "seconds": round(elapsed, 2)}))
+                          "dtype": str(dtype).removeprefix("torch."),
+                          "tensor_parallel_size": size, "seconds": round(elapsed, 2)}))
         return 0
     print(f"tokens: {result.num_tokens} (BOS + text), {result.num_windows} window(s) of at most "
           f"{result.window}, {result.num_predicted} predicted")
