@@ -172,8 +172,7 @@ def test_lifespan_starts_and_stops_the_engine():
 
 
 def test_replica_settings_refuse_bad_values_in_one_line():
-    for kwargs, flag in [({"tensor_parallel_size": 2}, "--tensor-parallel-size"),
-                         ({"tensor_parallel_size": 0}, "--tensor-parallel-size"),
+    for kwargs, flag in [({"tensor_parallel_size": 0}, "--tensor-parallel-size"),
                          ({"device": "tpu"}, "--device")]:
         with pytest.raises(ConfigError, match=flag) as e:
             ReplicaSettings("gemma3-270m", **kwargs)
@@ -199,6 +198,10 @@ def test_deployment_options_follow_the_settings():
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1,
                                             "max_replicas": 4, "target_ongoing_requests": 8}
     assert scaled["ray_actor_options"]["num_gpus"] == replica.tensor_parallel_size == 1
+    # a replica of N ranks asks Ray for N GPUs (its rank processes inherit them)
+    split = ReplicaSettings("gemma3-270m", tensor_parallel_size=2)
+    gpus = model_deployment_options(ScaleSettings(gpus=True), split)["ray_actor_options"]
+    assert gpus["num_gpus"] == 2
 
 
 def test_serve_flags_become_replica_and_scale_settings():
@@ -222,12 +225,17 @@ def test_serve_flags_become_replica_and_scale_settings():
         settings_from_args(tls, {}, [])
 
 
-def test_serve_refuses_tensor_parallel_above_one(capsys):
-    from trt_gemma.cli import main
+def test_serve_tensor_parallel_reaches_the_replicas(capsys):
+    from trt_gemma.cli import build_parser, main
+    from trt_gemma.deploy.launch import settings_from_args
 
-    assert main(["serve", "gemma3-270m", "--tensor-parallel-size", "2"]) == 2
+    args = build_parser().parse_args(["serve", "gemma3-270m", "--replicas", "2", "-tp", "2",
+                                      "--device", "cpu"])
+    replica, _ = settings_from_args(args, {}, [])
+    assert replica.tensor_parallel_size == 2
+    assert main(["serve", "gemma3-270m", "--tensor-parallel-size", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--tensor-parallel-size 2" in err and "\n" not in err
+    assert "--tensor-parallel-size must be >= 1" in err and "\n" not in err
 
 
 # -- with Ray installed -----------------------------------------------------------------------
@@ -250,7 +258,7 @@ def test_routing_text_and_build_app_arguments():
     with pytest.raises(ConfigError, match="unknown arguments colour"):
         ray_serve.build_app({"source": "gemma3-270m", "colour": "blue"})
     with pytest.raises(ConfigError, match="--tensor-parallel-size"):
-        ray_serve.build_app({"source": "gemma3-270m", "tensor_parallel_size": "2"})
+        ray_serve.build_app({"source": "gemma3-270m", "tensor_parallel_size": "0"})
     # Ray validates the options when the deployment is built; read them back from its objects
     # (private attributes: what `serve run` would deploy).
     app = ray_serve.build_app({"source": "gemma3-270m", "replicas": "1", "max_replicas": "3",

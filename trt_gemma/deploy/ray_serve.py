@@ -66,6 +66,8 @@ class ModelReplica:
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine_config = {"max_num_seqs": 256 if device == "cuda" else 32,
                          **settings.engine_config}
+        if settings.tensor_parallel_size > 1:  # this replica is rank 0 and starts the others
+            engine_config["tensor_parallel_size"] = settings.tensor_parallel_size
         # Loading takes seconds to minutes: off the event loop, so Ray's calls are answered.
         self.client = await asyncio.to_thread(
             EngineClient.from_source, settings.source, dtype=settings.dtype, device=device,

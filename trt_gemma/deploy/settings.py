@@ -29,7 +29,9 @@ class ReplicaSettings:
     served_model_name: str | None = None  # default: the source's name
     dtype: str = "auto"
     device: str | None = None  # None: cuda where the replica got a GPU, else cpu
-    tensor_parallel_size: int = 1  # GPUs (ranks) per replica
+    # Ranks per replica: each replica starts its own N - 1 rank processes (one GPU each on
+    # CUDA, where Ray gives the replica N GPUs; gloo processes on its CPUs otherwise).
+    tensor_parallel_size: int = 1
     engine_config: dict = field(default_factory=dict)  # EngineConfig fields (max_num_seqs, ...)
     max_queue: int = 128  # our own admission limit per replica (503 beyond it)
     api_keys: tuple[str, ...] = ()
@@ -44,9 +46,6 @@ class ReplicaSettings:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be >= 1, got "
                               f"{self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1:
-            raise ConfigError("--tensor-parallel-size > 1 is not supported by the runtime yet; "
-                              "use replicas of one GPU each")
         if self.device not in (None, "cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -18,14 +19,25 @@ from dataclasses import dataclass
 
 import torch
 
+from trt_gemma.distributed.group import RankFailure
 from trt_gemma.outputs import RequestOutput
 from trt_gemma.runtime.engine import EngineStats, LLMEngine
 from trt_gemma.runtime.sequence import Request
 from trt_gemma.sampling_params import SamplingParams
 
+_log = logging.getLogger(__name__)
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped (shut down, or a step raised); no request can be served."""
+
+
+def _death_message(error: BaseException | None) -> str:
+    if error is None:
+        return "the engine stopped"
+    if isinstance(error, RankFailure):  # the engine cannot recover: its model is split
+        return f"the engine stopped: a tensor-parallel rank failed: {error}"
+    return f"the engine stopped: {error!r}"
 
 
 @dataclass
@@ -152,12 +164,20 @@ class AsyncLLMEngine:
             # their KV blocks back: a stopped engine holds nothing.
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
-            dead = EngineDeadError("the engine stopped" + (f": {self.error!r}" if self.error
-                                                           else ""))
+            dead = EngineDeadError(_death_message(self.error))
             for stream in self._streams.values():
                 stream.put(dead)
             self._streams.clear()
             self._drain_dead(dead)
+            self._stop_ranks()
+
+    def _stop_ranks(self) -> None:
+        """Under tensor parallelism, stop the other ranks: from this thread, which owns the
+        LLMEngine and no longer steps it. Never raises (the loop is ending either way)."""
+        try:
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001
+            _log.exception("stopping the tensor-parallel ranks failed")
 
     def _drain_dead(self, dead: EngineDeadError) -> None:
         """Requests submitted while stopping get the error too, never a silent hang."""

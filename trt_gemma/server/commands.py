@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 
 from trt_gemma.errors import ConfigError
@@ -84,9 +86,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     from trt_gemma.runtime.speculative.flags import add_speculative_arguments
 
     add_speculative_arguments(p)
+    from trt_gemma.distributed.flags import add_tensor_parallel_argument
+
+    add_tensor_parallel_argument(p)  # with replicas: the ranks (GPUs) of each replica
     scale = p.add_argument_group("scale-out (Ray Serve; pip install -e '.[ray]')")
-    scale.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
-                       help="GPUs per engine (and per replica); only 1 is supported yet")
     scale.add_argument("--replicas", type=int, default=1, metavar="N",
                        help="more than 1: N engine replicas on Ray Serve behind one endpoint "
                             "(the autoscaling minimum with --max-replicas)")
@@ -196,9 +199,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not keys:
         logger.warning("binding %s without --api-key: anyone who can reach it can use it",
                        args.host)
-    if args.tensor_parallel_size != 1:
-        raise ConfigError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is "
-                          "supported yet")
+    from trt_gemma.distributed.flags import tensor_parallel_options
+
+    engine_config.update(tensor_parallel_options(args))
     from trt_gemma.server import responsible
 
     if args.replicas > 1 or args.ray or args.max_replicas is not None:
@@ -218,10 +221,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      access_log=not args.disable_log_requests,
                      guard=responsible.build_guard(args, client))
     scheme = "https" if args.ssl_certfile else "http"
-    logger.info("serving %s as %r on %s://%s:%d (max_model_len %d, max_num_seqs %d, %d API "
-                "keys, CORS origins %s)", args.source, name, scheme, args.host, args.port,
-                client.max_model_len, client.max_num_seqs, len(keys),
-                ",".join(cors.allowed_origins) or "none")
+    logger.info("serving %s as %r on %s://%s:%d (max_model_len %d, max_num_seqs %d, "
+                "tensor_parallel_size %d, %d API keys, CORS origins %s)", args.source, name,
+                scheme, args.host, args.port, client.max_model_len, client.max_num_seqs,
+                args.tensor_parallel_size, len(keys), ",".join(cors.allowed_origins) or "none")
     # log_config=None: uvicorn's loggers propagate to the root handler above (timestamps);
     # its access log is off, ours (with durations) replaces it.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -234,5 +237,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM handler that would kill the process after a clean drain. A no-op handler makes a
     # graceful SIGTERM exit 0 (uvicorn installs its own handlers while serving).
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    served = threading.Event()
+    threading.Thread(target=_stop_when_engine_dies, args=(server, client, served),
+                     name="trt-gemma-engine-watch", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        served.set()
+    failure = client.failure()
+    if failure is not None:  # the engine died (a step raised, e.g. a rank failed): say why
+        print(f"trt-gemma: error: {_one_line(_death_reason(failure))}", file=sys.stderr)
+        return 1
     return 0 if server.started else 1
+
+
+ENGINE_WATCH_PERIOD_S = 0.5
+
+
+def _stop_when_engine_dies(server, client, served: threading.Event) -> None:
+    """Stop uvicorn once the engine has died. A dead engine never comes back (under tensor
+    parallelism its model is split over processes, one of which failed), so answering 503
+    forever would only hide it from the supervisor that restarts the server: any engine death,
+    not only a rank's, ends the server with exit code 1. An orderly shutdown is not a death."""
+    while not served.wait(ENGINE_WATCH_PERIOD_S):
+        if client.failure() is not None:
+            logger.error("the engine died (%s); stopping the server",
+                         _one_line(_death_reason(client.failure())))
+            server.should_exit = True
+            return
+
+
+def _death_reason(error: BaseException) -> str:
+    from trt_gemma.distributed.group import RankFailure
+
+    if isinstance(error, RankFailure):
+        return f"tensor-parallel rank failure: {error}"
+    return f"the engine stopped: {type(error).__name__}: {error}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]

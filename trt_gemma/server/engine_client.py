@@ -83,11 +83,17 @@ class EngineClient:
                        engine.max_num_seqs, max_queue, defaults)
         # before the load: a bad file fails at once
         defaults = generation_defaults(source) if generation_config == "auto" else {}
-        model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
         config = EngineConfig(**engine_config)
-        engine = AsyncLLMEngine(LLMEngine(model, tokenizer, config))
-        return cls(engine, tokenizer, engine.engine.max_model_len, model.config.vocab_size,
-                   config.max_num_seqs, max_queue, defaults)
+        if config.tensor_parallel_size > 1:  # this process is rank 0; it starts the others
+            llm_engine = LLMEngine.from_source(source, dtype=dtype, device=device, verify=verify,
+                                               **engine_config)
+        else:
+            model, tokenizer = load_model(source, dtype=dtype, device=device, verify=verify)
+            llm_engine = LLMEngine(model, tokenizer, config)
+        # The engine thread owns the LLMEngine from here on; it stops the ranks when it ends.
+        engine = AsyncLLMEngine(llm_engine)
+        return cls(engine, llm_engine.tokenizer, llm_engine.max_model_len,
+                   llm_engine.model.config.vocab_size, config.max_num_seqs, max_queue, defaults)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,6 +105,11 @@ class EngineClient:
 
     def is_alive(self) -> bool:
         return not self.draining and bool(self.engine.is_alive())
+
+    def failure(self) -> BaseException | None:
+        """What killed the engine (a step raised, e.g. a tensor-parallel rank died), or None
+        while it runs or after an orderly shutdown. Such an engine never recovers."""
+        return getattr(self.engine, "error", None)
 
     def stats(self):
         """The engine's EngineStats, or None if it cannot answer (not started, or dead).
