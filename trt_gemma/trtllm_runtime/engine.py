@@ -42,7 +42,7 @@ INSTALL_HINT = "pip install tensorrt_llm --extra-index-url https://pypi.nvidia.c
 # EngineConfig fields that only mean something to the native engine
 NATIVE_ONLY = ("block_size", "num_kv_blocks", "enforce_eager", "cuda_graph_batch_sizes", "seed",
                "greedy_head_max_rows", "cpu_single_thread_below", "cpu_int8_decode_max_rows",
-               "logprobs_mode")
+               "logprobs_mode", "tensor_parallel_timeout_s")
 
 
 def import_tensorrt_llm(source: str | Path) -> SimpleNamespace:
@@ -91,7 +91,8 @@ def runtime_options(found: TrtllmSource, **engine_config) -> RuntimeOptions:
     native = sorted(k for k in engine_config if k in NATIVE_ONLY)
     unknown = sorted(k for k in engine_config if k not in NATIVE_ONLY and k not in (
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory",
-        "gpu_memory_utilization", "enable_prefix_caching", "kv_cache_dtype"))
+        "gpu_memory_utilization", "enable_prefix_caching", "kv_cache_dtype",
+        "tensor_parallel_size"))
     if native or unknown:
         names = ", ".join(native + unknown)
         raise ConfigError(f"{names}: not a setting of the TensorRT-LLM backend (native engine "
@@ -107,10 +108,17 @@ def runtime_options(found: TrtllmSource, **engine_config) -> RuntimeOptions:
     seqs = engine_config.get("max_num_seqs") or found.max_batch_size
     asked_seqs, seqs = seqs, min(seqs, found.max_batch_size)
     mapping = found.pretrained_config.get("mapping") or {}
+    built_tp = int(mapping.get("tp_size", 1))
+    asked_tp = engine_config.get("tensor_parallel_size")
+    if asked_tp is not None and int(asked_tp) != built_tp:
+        # the split is in the engine's weights: TensorRT-LLM cannot run it over other ranks
+        raise ConfigError(f"tensor_parallel_size {asked_tp}: this TensorRT-LLM engine was built "
+                          f"for {built_tp} rank(s) (trt-gemma build --tp-size); pass {built_tp} "
+                          "or leave it unset")
     llm: dict[str, Any] = {
         "model": str(found.engine_dir),
         "skip_tokenizer_init": True,  # we send ids and detokenize ourselves
-        "tensor_parallel_size": int(mapping.get("tp_size", 1)),
+        "tensor_parallel_size": built_tp,
         "pipeline_parallel_size": int(mapping.get("pp_size", 1)),
         "max_batch_size": seqs,
         "max_seq_len": max_len,
