@@ -90,6 +90,9 @@ class ModelReplica:
 
     def check_health(self) -> None:
         """Ray's controller calls this periodically; raising makes it replace the replica."""
+        failure = self.client.failure()  # e.g. one of its tensor-parallel ranks exited
+        if failure is not None:
+            raise RuntimeError(f"the engine died: {failure}")
         if not self.client.is_alive():
             raise RuntimeError("the engine loop is not running")
 

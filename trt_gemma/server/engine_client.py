@@ -54,6 +54,7 @@ class EngineClient:
         self.generation_defaults = dict(generation_defaults or {})
         self.num_in_flight = 0  # sequences admitted and not yet ended
         self.draining = False  # set at shutdown: refuse new work, report unhealthy
+        self._failure: BaseException | None = None  # what killed the engine, once seen
 
     @classmethod
     def from_source(cls, source: str, *, dtype: str = "auto", device: str = "cpu",
@@ -108,8 +109,14 @@ class EngineClient:
 
     def failure(self) -> BaseException | None:
         """What killed the engine (a step raised, e.g. a tensor-parallel rank died), or None
-        while it runs or after an orderly shutdown. Such an engine never recovers."""
-        return getattr(self.engine, "error", None)
+        while it runs or after an orderly shutdown. Such an engine never recovers. A rank
+        process that exited is noticed here too while the engine idles (no collective runs
+        then to fail); once seen, it is kept (stopping the engine forgets its ranks)."""
+        if self._failure is None:
+            error = getattr(self.engine, "error", None)
+            self._failure = error if error is not None else _exited_rank(
+                getattr(self.engine, "engine", None))
+        return self._failure
 
     def stats(self):
         """The engine's EngineStats, or None if it cannot answer (not started, or dead).
@@ -178,6 +185,21 @@ class EngineClient:
             self.engine.abort(request_id)
         except Exception:
             logger.exception("aborting request %s failed", request_id)
+
+
+def _exited_rank(llm_engine) -> BaseException | None:
+    """RankFailure for a tensor-parallel worker process that has exited while its engine still
+    counts on it (``LLMEngine.shutdown`` clears ``ranks`` before stopping them)."""
+    ranks = getattr(llm_engine, "ranks", None)
+    if ranks is None or ranks.stopped:
+        return None
+    for rank, process in enumerate(ranks.pool.processes, start=1):
+        if process.exitcode is not None:
+            from trt_gemma.distributed.group import RankFailure
+
+            return RankFailure(f"tensor-parallel rank {rank} (pid {process.pid}) exited with "
+                               f"code {process.exitcode}")
+    return None
 
 
 async def _maybe_await(value):
