@@ -71,18 +71,32 @@ def mixed_requests() -> tuple[list, list]:
 
 
 def generate(source: str, tp: int, first: list, later: list = (), *, trigger: str | None = None,
-             **config) -> dict:
+             abort: tuple[int, str] | None = None, **config) -> dict:
     """Start an engine of ``tp`` ranks, serve the requests to the end, shut it down.
     ``later`` are added once request ``trigger`` has sampled a token (its prompt blocks are then
-    cached). Returns {"outputs": {id: RequestOutput}, "stats", "rank_memory", "seconds"}."""
+    cached); ``abort`` = (step, id): that request is aborted before that step. Returns
+    {"outputs": {id: RequestOutput}, "stats", "rank_memory", "copies" (copy-on-write block copies
+    rank 0 made, and sent to the others), "seconds"}."""
     t0 = time.perf_counter()
     engine = LLMEngine.from_source(source, dtype="float32", tensor_parallel_size=tp, **config)
+    copies = []
+    copy_blocks = engine.runner.kv_cache.copy_blocks
+
+    def counted_copy_blocks(pairs):
+        copies.extend(pairs)
+        return copy_blocks(pairs)
+
+    engine.runner.kv_cache.copy_blocks = counted_copy_blocks
     try:
         for rid, prompt, params in first:
             engine.add_request(rid, prompt, params)
         pending = list(later)
         outputs = {}
+        steps = 0
         while engine.has_unfinished_requests():
+            if abort is not None and steps == abort[0]:
+                assert engine.abort(abort[1])
+            steps += 1
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out
@@ -92,7 +106,7 @@ def generate(source: str, tp: int, first: list, later: list = (), *, trigger: st
                     pending = []
         assert not pending
         return dict(outputs=outputs, stats=engine.get_stats(), rank_memory=engine.rank_memory,
-                    seconds=time.perf_counter() - t0)
+                    copies=len(copies), seconds=time.perf_counter() - t0)
     finally:
         engine.shutdown()
 
@@ -154,6 +168,8 @@ def test_mixed_requests_equal_tp1(runs, variant, tp):
     assert sharded["outputs"]["prefix-b"].num_cached_tokens >= SHARED_PREFIX - 4
     n2 = sharded["outputs"]["n2-seeded"].outputs
     assert n2[0].token_ids != n2[1].token_ids  # two samples, each with its own generator
+    # the fork's shared partial block was copied (the workers got the pairs with the step)
+    assert sharded["copies"] == single["copies"] > 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -213,7 +229,8 @@ def preemption_runs(models):
     requests = [(f"r{i}", _prompt(8 + 3 * i, 20 + i), _greedy(24 + 2 * i, 5 if i % 2 else None))
                 for i in range(6)]
     config = dict(ENGINE, num_kv_blocks=24)
-    return {tp: generate(models["gemma3-gqa"][0], tp, requests, **config) for tp in (1, 2)}
+    return {tp: generate(models["gemma3-gqa"][0], tp, requests, abort=(12, "r4"), **config)
+            for tp in (1, 2)}
 
 
 def test_preempted_sequences_resume_the_same_at_tp2(preemption_runs):
@@ -222,6 +239,7 @@ def test_preempted_sequences_resume_the_same_at_tp2(preemption_runs):
           f"TP=2 {sharded['stats'].num_preemptions}")
     assert sharded["stats"].num_preemptions > 0
     assert single["stats"] == sharded["stats"]
+    assert "r4" not in sharded["outputs"]  # aborted mid-generation; its blocks went to the others
     assert_same_outputs(single["outputs"], sharded["outputs"])
 
 
@@ -307,9 +325,10 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
 
 def test_idle_past_the_timeout_then_serves(models):
     """Workers wait for the next step on the control group, without the collective timeout: an
-    engine idle for longer than tensor_parallel_timeout_s still serves."""
+    engine idle for longer than tensor_parallel_timeout_s still serves. The one request's prompt
+    is longer than a step's token budget: steps of a chunk that ends mid-prompt sample nothing."""
     config = dict(ENGINE, tensor_parallel_timeout_s=2.0)
-    requests = [("idle", _prompt(11, 70), _greedy(6, logprobs=5))]
+    requests = [("idle", _prompt(37, 70), _greedy(6, logprobs=5))]
     engine = LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32",
                                    tensor_parallel_size=2, **config)
     try:
