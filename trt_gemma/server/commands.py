@@ -3,6 +3,8 @@
 The model is loaded before the port opens, so /health answering at all means "ready". SIGTERM (or
 Ctrl-C) stops accepting connections, lets in-flight requests finish for --shutdown-timeout
 seconds, cancels (and so aborts in the engine) whatever is still running, then stops the engine.
+An engine that dies (a step raised; with ``-tp N`` typically a rank process that failed) stops
+the server too: exit code 1 and one ``trt-gemma: error:`` line, so a supervisor restarts it.
 Every log line (ours, uvicorn's, the access log's) has a timestamp: uvicorn's own logging config
 is replaced by the root logger's format.
 """
