@@ -177,8 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if size > 1:  # every rank scores its shard (SPMD); rank 0's result
         from trt_gemma.distributed.eval_ranks import EvalJob, tensor_parallel_perplexity
 
-        job = EvalJob(str(args.source), text, args.dtype, torch.device(device).type,
-                      not args.no_verify, args.max_tokens, args.window)
+        job = EvalJob(str(args.source), text, args.dtype, device, not args.no_verify,
+                      args.max_tokens, args.window)
         result, dtype = tensor_parallel_perplexity(job, size, args.tensor_parallel_timeout)
     else:
         model, tokenizer = load_model(args.source, dtype=args.dtype, device=device,

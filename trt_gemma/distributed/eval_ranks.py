@@ -24,7 +24,7 @@ class EvalJob:
     source: str
     text: str
     dtype: str
-    device_type: str  # "cuda": rank r on cuda:r; "cpu"
+    device: str  # "cuda": rank r on cuda:r (an index other than 0 is refused); "cpu"
     verify: bool = True
     max_tokens: int | None = None
     window: int | None = None
@@ -32,7 +32,7 @@ class EvalJob:
 
 def tensor_parallel_perplexity(job: EvalJob, size: int, timeout_s: float | None = None):
     """(PerplexityResult, the model's torch dtype) of rank 0, scored over ``size`` ranks."""
-    device = torch.device(job.device_type)
+    device = torch.device(job.device)
     check_devices(device, size)
     check_shardable(source_config(job.source), size)  # before any process starts
     threads = 1
@@ -47,7 +47,7 @@ def _score(tp: TensorParallel, job: EvalJob):
     from trt_gemma.eval import perplexity, text_ids
     from trt_gemma.loader import load_model
 
-    device = rank_device(torch.device(job.device_type), tp.rank)
+    device = rank_device(torch.device(job.device), tp.rank)
     model, tokenizer = load_model(job.source, dtype=job.dtype, device=device, verify=job.verify,
                                   tp=tp)
     ids = text_ids(tokenizer, job.text, job.max_tokens)
