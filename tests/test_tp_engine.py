@@ -273,9 +273,11 @@ def test_quantized_engine_tp2_equals_tp1(quantized_engines, models, quant):
                    > 1e-3 for t, a in dense["outputs"]["q1"].outputs[0].logprobs[0].items()))
 
 
-def test_ngram_speculation_tp2_equals_tp1(models):
-    """Prompts that repeat themselves, so the n-gram proposer drafts; the verified tokens (greedy
-    and with logprobs) are TP = 1's."""
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_decoding_tp2_equals_tp1(models, method):
+    """Prompts that repeat themselves, so the n-gram proposer drafts; "draft": the tiny Gemma 1
+    (same vocabulary) proposes, whole on rank 0. The verified tokens (greedy, with logprobs, and
+    a seeded sample's rejection sampling) are TP = 1's."""
     def repeating(seed: int, length: int) -> list[int]:
         unit = _prompt(5, seed)
         return (unit * 10)[:length]
@@ -283,10 +285,14 @@ def test_ngram_speculation_tp2_equals_tp1(models):
     requests = [("s0", repeating(50, 23), _greedy(16)),
                 ("s1", repeating(51, 17), _greedy(12, logprobs=5)),
                 ("s2", _prompt(9, 52) + repeating(53, 12), _greedy(14))]
-    config = dict(ENGINE, speculative_method="ngram", num_speculative_tokens=3)
+    config = dict(ENGINE, speculative_method=method, num_speculative_tokens=3)
+    if method == "draft":
+        config["draft_model"] = models["gemma1-mqa"][0]
+        requests.append(("s3", _prompt(10, 54), SamplingParams(temperature=0.8, seed=3,
+                                                               max_tokens=12, ignore_eos=True)))
     single = generate(models["gemma3-gqa"][0], 1, requests, **config)
     sharded = generate(models["gemma3-gqa"][0], 2, requests, **config)
-    print(f"ngram: {sharded['stats']}")
+    print(f"{method}: {sharded['stats']}")
     assert sharded["stats"].spec_num_drafts > 0
     assert single["stats"] == sharded["stats"]
     assert_same_outputs(single["outputs"], sharded["outputs"])
