@@ -329,6 +329,35 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
     assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
 
 
+def test_an_error_inside_a_step_then_shutdown_is_prompt(models):
+    """Rank 0's forward raises half-way through a step (an out-of-memory error, Ctrl-C): the
+    workers are inside that step's collectives, where no stop message reaches them, so
+    ``shutdown`` stops them without waiting out tensor_parallel_timeout_s."""
+    config = dict(ENGINE, tensor_parallel_timeout_s=10.0)
+    engine = LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32",
+                                   tensor_parallel_size=2, **config)
+    pool = engine.ranks.pool
+    try:
+        for i in range(3):
+            engine.add_request(f"e{i}", _prompt(6 + i, 80 + i), _greedy(50))
+        for _ in range(3):
+            engine.step()
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError("injected: rank 0 ran out of memory")
+
+        engine.runner.model.forward = out_of_memory
+        with pytest.raises(MemoryError, match="injected"):
+            engine.step()
+    finally:
+        t0 = time.perf_counter()
+        engine.shutdown()
+        seconds = time.perf_counter() - t0
+    print(f"shutdown after an error inside a step: {seconds:.2f} s")
+    assert seconds < 5
+    assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
+
+
 def test_idle_past_the_timeout_then_serves(models):
     """``LLM(source, tensor_parallel_size=2)``: workers wait for the next step on the control
     group, without the collective timeout, so an engine idle for longer than

@@ -66,14 +66,20 @@ class EngineRanks:
     def __init__(self, pool: WorkerPool, tp: TensorParallel):
         self.pool, self.tp = pool, tp
         self.stopped = False
+        # A step raised on rank 0 half-way (LLMEngine.step sets it): the workers may be waiting
+        # inside its collectives, where no stop message reaches them before the timeout.
+        self.out_of_step = False
 
     def stop(self, sync) -> None:
         """Tell the workers to stop (``sync``: rank 0's ``StepSync``), wait for them, close the
-        group; workers that do not stop (a broken group) are terminated."""
+        group; workers that do not stop (a broken group) or are out of step are terminated."""
         if self.stopped:
             return
         self.stopped = True
         try:
+            if self.out_of_step:
+                self.pool.terminate()
+                return
             if sync is not None:
                 sync.stop()
             self.pool.join(self.tp.timeout_s)

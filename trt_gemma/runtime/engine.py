@@ -362,10 +362,15 @@ class LLMEngine:
         # the two (both end in a collective). Forks share their parent's params and state.
         greedy = all(self.sampler.is_plain_greedy(s) for s in batch.sample_seqs)
         with self.runner.threads_for(out.num_tokens):
-            hidden = self.runner.run(batch, greedy)  # [rows to sample, hidden]
-            self.scheduler.advance(out)
-            seqs, rows = self._fork(batch.sample_seqs)
-            sampled = self._sample(hidden, seqs, rows, greedy)
+            try:
+                hidden = self.runner.run(batch, greedy)  # [rows to sample, hidden]
+                self.scheduler.advance(out)
+                seqs, rows = self._fork(batch.sample_seqs)
+                sampled = self._sample(hidden, seqs, rows, greedy)
+            except BaseException:
+                if self.ranks is not None:  # the others may wait inside this step's collectives
+                    self.ranks.out_of_step = True
+                raise
         finished: list[Sequence] = []
         touched: dict[str, Request] = {}
         for seq, tokens, logprobs, accepted in sampled:
