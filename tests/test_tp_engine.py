@@ -131,6 +131,15 @@ def assert_same_outputs(single: dict, sharded: dict) -> None:
                 assert abs(ca.cumulative_logprob - cb.cumulative_logprob) < TOL * 20, rid
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads in this process for one test (the module runs on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, tuple[str, object]]:
     """{variant: (HF dir, the transformers model)}: the tiny random models of hf_tiny."""
@@ -329,15 +338,17 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
     assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
 
 
-def test_an_error_inside_a_step_then_shutdown_is_prompt(models):
+def test_an_error_inside_a_step_then_shutdown_is_prompt(models, two_threads):
     """Rank 0's forward raises half-way through a step (an out-of-memory error, Ctrl-C): the
     workers are inside that step's collectives, where no stop message reaches them, so
-    ``shutdown`` stops them without waiting out tensor_parallel_timeout_s."""
+    ``shutdown`` stops them without waiting out tensor_parallel_timeout_s. The caller's thread
+    count, shared out among the ranks while they run, is its own again."""
     config = dict(ENGINE, tensor_parallel_timeout_s=10.0)
     engine = LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32",
                                    tensor_parallel_size=2, **config)
     pool = engine.ranks.pool
     try:
+        assert torch.get_num_threads() == 1  # the caller's 2 threads shared out among 2 ranks
         for i in range(3):
             engine.add_request(f"e{i}", _prompt(6 + i, 80 + i), _greedy(50))
         for _ in range(3):
@@ -355,6 +366,7 @@ def test_an_error_inside_a_step_then_shutdown_is_prompt(models):
         seconds = time.perf_counter() - t0
     print(f"shutdown after an error inside a step: {seconds:.2f} s")
     assert seconds < 5
+    assert torch.get_num_threads() == 2
     assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
 
 
@@ -385,7 +397,7 @@ def test_idle_past_the_timeout_then_serves(models):
         assert out.outputs[0].text == single.outputs[0].text
 
 
-def test_a_start_that_fails_on_rank0_leaves_no_worker(models, monkeypatch):
+def test_a_start_that_fails_on_rank0_leaves_no_worker(models, monkeypatch, two_threads):
     """Rank 0's engine refuses its config (speculative_method "draft" without a draft model)
     after the workers started and loaded their shards: the error reaches the caller, the workers
     are stopped and the group is closed (the next engines of this module start)."""
@@ -407,6 +419,7 @@ def test_a_start_that_fails_on_rank0_leaves_no_worker(models, monkeypatch):
     (pool,) = pools
     assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
     assert not dist.is_initialized()
+    assert torch.get_num_threads() == 2  # the caller's own again
 
 
 def test_sizes_that_do_not_split_are_refused_before_any_process_starts(models, monkeypatch):

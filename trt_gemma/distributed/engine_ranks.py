@@ -63,9 +63,10 @@ def check_devices(device: torch.device, size: int) -> None:
 class EngineRanks:
     """Rank 0's handle on the worker processes of ranks 1..N-1."""
 
-    def __init__(self, pool: WorkerPool, tp: TensorParallel):
+    def __init__(self, pool: WorkerPool, tp: TensorParallel, caller_threads: int = 0):
         self.pool, self.tp = pool, tp
         self.stopped = False
+        self.caller_threads = caller_threads  # CPU: this process's torch threads before the start
         # A step raised on rank 0 half-way (LLMEngine.step sets it): the workers may be waiting
         # inside its collectives, where no stop message reaches them before the timeout.
         self.out_of_step = False
@@ -88,6 +89,8 @@ class EngineRanks:
             self.pool.terminate()
         finally:
             close_tensor_parallel(self.tp)
+            if self.caller_threads:  # the cores were shared out among the ranks: no longer
+                torch.set_num_threads(self.caller_threads)
 
 
 def start_engine(source: str | Path, dtype, device, verify: bool, config):
@@ -101,9 +104,10 @@ def start_engine(source: str | Path, dtype, device, verify: bool, config):
     from trt_gemma.distributed.shard import check_shardable
 
     check_shardable(source_config(source), size)  # before any process starts
-    threads = 1
-    if device.type == "cpu":  # the ranks share this machine's cores
-        threads = max(1, torch.get_num_threads() // size)
+    threads, caller_threads = 1, 0
+    if device.type == "cpu":  # the ranks share this machine's cores (until shutdown)
+        caller_threads = torch.get_num_threads()
+        threads = max(1, caller_threads // size)
         torch.set_num_threads(threads)
     launch = LaunchConfig(size, device.type, timeout_s=config.tensor_parallel_timeout_s,
                           threads=threads)
@@ -113,12 +117,14 @@ def start_engine(source: str | Path, dtype, device, verify: bool, config):
         tp = pool.join_rank0()
         model, tokenizer = load_model(source, dtype=dtype, device=rank_device(device, 0),
                                       verify=verify, tp=tp)
-        ranks = EngineRanks(pool, tp)
+        ranks = EngineRanks(pool, tp, caller_threads)
         engine = LLMEngine(model, tokenizer, config, ranks=ranks)
     except BaseException:
         pool.terminate()
         if tp is not None:
             close_tensor_parallel(tp)
+        if caller_threads:
+            torch.set_num_threads(caller_threads)
         raise
     # At exit, stop the workers cleanly if nobody did (a script that never calls shutdown);
     # registered after multiprocessing's own exit hook, so it runs first.
