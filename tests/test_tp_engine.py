@@ -181,9 +181,9 @@ def test_mixed_requests_equal_tp1(runs, variant, tp):
     assert sharded["copies"] == single["copies"] > 0
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_first_step_logprobs_match_transformers(runs, models, variant):
-    """TP = 2's raw logprobs of the first generated token (top 5 and their values) are
+@pytest.mark.parametrize(("variant", "tp"), [m for m in MATRIX if m[1] > 1])
+def test_first_step_logprobs_match_transformers(runs, models, variant, tp):
+    """TP = N's raw logprobs of the first generated token (top 5 and their values) are
     transformers' log_softmax of its logits at the prompt's last position."""
     hf = models[variant][1]
     first, later = mixed_requests()
@@ -192,7 +192,7 @@ def test_first_step_logprobs_match_transformers(runs, models, variant):
         with torch.no_grad():
             ref = hf(torch.tensor([prompts[rid]])).logits[0, -1].float().log_softmax(-1)
         top = ref.topk(5)
-        got = runs[variant, 2]["outputs"][rid].outputs[0].logprobs[0]
+        got = runs[variant, tp]["outputs"][rid].outputs[0].logprobs[0]
         ranked = {lp.rank: (t, lp.logprob) for t, lp in got.items() if lp.rank <= 5}
         assert [ranked[r][0] for r in range(1, 6)] == top.indices.tolist(), rid
         for r, (value, token) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
@@ -234,7 +234,8 @@ def test_each_rank_holds_its_share(runs, models, variant, tp):
 
 @pytest.fixture(scope="module")
 def preemption_runs(models):
-    """gemma3 with a KV pool of 24 blocks (96 tokens) for six sequences that need ~40 each."""
+    """gemma3 with a KV pool of 24 blocks (96 tokens) for six sequences of 32 to 57 tokens each
+    (about 270 together); one of them is aborted at the same step on both."""
     requests = [(f"r{i}", _prompt(8 + 3 * i, 20 + i), _greedy(24 + 2 * i, 5 if i % 2 else None))
                 for i in range(6)]
     config = dict(ENGINE, num_kv_blocks=24)
@@ -248,7 +249,7 @@ def test_preempted_sequences_resume_the_same_at_tp2(preemption_runs):
           f"TP=2 {sharded['stats'].num_preemptions}")
     assert sharded["stats"].num_preemptions > 0
     assert single["stats"] == sharded["stats"]
-    assert "r4" not in sharded["outputs"]  # aborted mid-generation; its blocks went to the others
+    assert "r4" not in sharded["outputs"]  # aborted mid-generation
     assert_same_outputs(single["outputs"], sharded["outputs"])
 
 
@@ -275,11 +276,10 @@ def test_quantized_engine_tp2_equals_tp1(quantized_engines, models, quant):
     sharded = generate(quantized_engines[quant], 2, requests, **ENGINE)
     assert_same_outputs(single["outputs"], sharded["outputs"])
     # guard: these are the quantized weights, not the dense model's
-    dense = generate(models["gemma3-gqa"][0], 1, requests[1:2], **ENGINE)
-    assert (dense["outputs"]["q1"].outputs[0].logprobs[0].keys()
-            != single["outputs"]["q1"].outputs[0].logprobs[0].keys()
-            or any(abs(a.logprob - single["outputs"]["q1"].outputs[0].logprobs[0][t].logprob)
-                   > 1e-3 for t, a in dense["outputs"]["q1"].outputs[0].logprobs[0].items()))
+    dense = generate(models["gemma3-gqa"][0], 1, requests[1:2], **ENGINE)["outputs"]["q1"]
+    d = dense.outputs[0].logprobs[0]
+    q = single["outputs"]["q1"].outputs[0].logprobs[0]
+    assert d.keys() != q.keys() or max(abs(d[t].logprob - q[t].logprob) for t in d) > 1e-3
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
@@ -400,7 +400,7 @@ def test_idle_past_the_timeout_then_serves(models):
 def test_a_start_that_fails_on_rank0_leaves_no_worker(models, monkeypatch, two_threads):
     """Rank 0's engine refuses its config (speculative_method "draft" without a draft model)
     after the workers started and loaded their shards: the error reaches the caller, the workers
-    are stopped and the group is closed (the next engines of this module start)."""
+    are stopped, the group is closed, and the thread count is the caller's again."""
     import torch.distributed as dist
 
     import trt_gemma.distributed.engine_ranks as engine_ranks
