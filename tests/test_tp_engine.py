@@ -255,11 +255,12 @@ def test_preempted_sequences_resume_the_same_at_tp2(preemption_runs):
 
 @pytest.fixture(scope="module")
 def quantized_engines(models, tmp_path_factory) -> dict[str, str]:
-    """fp8 and int4 engine dirs built from the tiny Gemma 3 (as in test_tensor_parallel)."""
+    """fp8 (with FP8 KV-cache scales) and int4 engine dirs built from the tiny Gemma 3 (as in
+    test_tensor_parallel)."""
     from trt_gemma.converter.engine import BuildOptions, build_engine
 
     out = {}
-    for quant, extra in {"fp8": {}, "int4": {"group_size": 32}}.items():
+    for quant, extra in {"fp8": {"kv_cache_dtype": "fp8"}, "int4": {"group_size": 32}}.items():
         path = tmp_path_factory.mktemp("engines") / quant
         build_engine(models["gemma3-gqa"][0], path,
                      BuildOptions(quant=quant, dtype="float32", calib_rows=32, **extra),
@@ -270,14 +271,20 @@ def quantized_engines(models, tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("quant", ["fp8", "int4"])
 def test_quantized_engine_tp2_equals_tp1(quantized_engines, models, quant):
+    """fp8 runs with an FP8 KV cache (its replicated per-layer scales; every prefill then reads
+    its keys back from the cache, the step message's keyed layout)."""
     requests = [(f"q{i}", _prompt(5 + 9 * i, 40 + i), _greedy(10 + i, 5 if i == 1 else None))
                 for i in range(4)]
-    single = generate(quantized_engines[quant], 1, requests, **ENGINE)
-    sharded = generate(quantized_engines[quant], 2, requests, **ENGINE)
+    config = dict(ENGINE, kv_cache_dtype="fp8" if quant == "fp8" else "auto")
+    single = generate(quantized_engines[quant], 1, requests, **config)
+    sharded = generate(quantized_engines[quant], 2, requests, **config)
     assert_same_outputs(single["outputs"], sharded["outputs"])
     # guard: these are the quantized weights, not the dense model's
-    dense = generate(models["gemma3-gqa"][0], 1, requests[1:2], **ENGINE)["outputs"]["q1"]
-    d = dense.outputs[0].logprobs[0]
+    dense = generate(models["gemma3-gqa"][0], 1, requests[1:2], **ENGINE)
+    if quant == "fp8":  # one byte per cached value, not 4 (fp32); a rank's half of the KV heads
+        kv_bytes = dense["rank_memory"][0].kv_cache_bytes
+        assert [m.kv_cache_bytes for m in sharded["rank_memory"]] == [kv_bytes // 8] * 2
+    d = dense["outputs"]["q1"].outputs[0].logprobs[0]
     q = single["outputs"]["q1"].outputs[0].logprobs[0]
     assert d.keys() != q.keys() or max(abs(d[t].logprob - q[t].logprob) for t in d) > 1e-3
 
