@@ -348,8 +348,9 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
 def test_an_error_inside_a_step_then_shutdown_is_prompt(models, two_threads):
     """Rank 0's forward raises half-way through a step (an out-of-memory error, Ctrl-C): the
     workers are inside that step's collectives, where no stop message reaches them, so
-    ``shutdown`` stops them without waiting out tensor_parallel_timeout_s. The caller's thread
-    count, shared out among the ranks while they run, is its own again."""
+    ``shutdown`` stops them without waiting out tensor_parallel_timeout_s, and a next step
+    fails at once. The caller's thread count, shared out among the ranks while they run, is its
+    own again."""
     config = dict(ENGINE, tensor_parallel_timeout_s=10.0)
     engine = LLMEngine.from_source(models["gemma3-gqa"][0], dtype="float32",
                                    tensor_parallel_size=2, **config)
@@ -367,6 +368,11 @@ def test_an_error_inside_a_step_then_shutdown_is_prompt(models, two_threads):
         engine.runner.model.forward = out_of_memory
         with pytest.raises(MemoryError, match="injected"):
             engine.step()
+        del engine.runner.model.forward
+        t0 = time.perf_counter()
+        with pytest.raises(RankFailure, match="out of step"):  # at once, not after the timeout
+            engine.step()
+        assert time.perf_counter() - t0 < 1
     finally:
         t0 = time.perf_counter()
         engine.shutdown()

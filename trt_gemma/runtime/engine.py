@@ -349,6 +349,11 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One batch: schedule, run, sample. Returns outputs of requests that progressed."""
+        if self.ranks is not None and self.ranks.out_of_step:  # else: a wait of the full timeout
+            from trt_gemma.distributed.group import RankFailure
+
+            raise RankFailure("tensor-parallel ranks are out of step: an earlier step raised on "
+                              "rank 0 half-way; shut this engine down and start a new one")
         if self.speculator is not None:
             self._release_drafts()
             self.speculator.propose(self.scheduler.running)
