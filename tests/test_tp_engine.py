@@ -76,9 +76,10 @@ def generate(source: str, tp: int, first: list, later: list = (), *, trigger: st
     ``later`` are added once request ``trigger`` has sampled a token (its prompt blocks are then
     cached); ``abort`` = (step, id): that request is aborted before that step. Returns
     {"outputs": {id: RequestOutput}, "stats", "rank_memory", "copies" (copy-on-write block copies
-    rank 0 made, and sent to the others), "seconds"}."""
+    rank 0 made, and sent to the others), "seconds", "step_buffer_grew" (on rank 0)}."""
     t0 = time.perf_counter()
     engine = LLMEngine.from_source(source, dtype="float32", tensor_parallel_size=tp, **config)
+    words = engine.runner.step_buffer.capacity
     copies = []
     copy_blocks = engine.runner.kv_cache.copy_blocks
 
@@ -106,7 +107,8 @@ def generate(source: str, tp: int, first: list, later: list = (), *, trigger: st
                     pending = []
         assert not pending
         return dict(outputs=outputs, stats=engine.get_stats(), rank_memory=engine.rank_memory,
-                    copies=len(copies), seconds=time.perf_counter() - t0)
+                    copies=len(copies), seconds=time.perf_counter() - t0,
+                    step_buffer_grew=engine.runner.step_buffer.capacity > words)
     finally:
         engine.shutdown()
 
@@ -291,27 +293,31 @@ def test_quantized_engine_tp2_equals_tp1(quantized_engines, models, quant):
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_speculative_decoding_tp2_equals_tp1(models, method):
-    """Prompts that repeat themselves, so the n-gram proposer drafts; "draft": the tiny Gemma 1
-    (same vocabulary) proposes, whole on rank 0. The verified tokens (greedy, with logprobs, and
-    a seeded sample's rejection sampling) are TP = 1's."""
-    def repeating(seed: int, length: int) -> list[int]:
-        unit = _prompt(5, seed)
-        return (unit * 10)[:length]
-
-    requests = [("s0", repeating(50, 23), _greedy(16)),
-                ("s1", repeating(51, 17), _greedy(12, logprobs=5)),
-                ("s2", _prompt(9, 52) + repeating(53, 12), _greedy(14))]
-    config = dict(ENGINE, speculative_method=method, num_speculative_tokens=3)
-    if method == "draft":
-        config["draft_model"] = models["gemma1-mqa"][0]
-        requests.append(("s3", _prompt(10, 54), SamplingParams(temperature=0.8, seed=3,
-                                                               max_tokens=12, ignore_eos=True)))
+    """"ngram": eight prompts that repeat themselves, so the proposer drafts for every sequence
+    (also in big batches): a step of up to 8 x (1 + 4) rows with long block tables outgrows the
+    step buffer, on rank 0 and alike on the worker. "draft": the tiny Gemma 1 (same vocabulary)
+    proposes, whole on rank 0. The verified tokens (greedy, with logprobs, and a seeded sample's
+    rejection sampling) are TP = 1's."""
+    if method == "ngram":
+        requests = [(f"s{i}", (_prompt(4, 50 + i) * 20)[:50 + i],
+                     _greedy(40, logprobs=5 if i == 2 else None)) for i in range(8)]
+        config = dict(ENGINE, speculative_method="ngram", num_speculative_tokens=4,
+                      speculative_disable_by_batch_size=0)
+    else:
+        requests = [("s0", _prompt(23, 50), _greedy(16)),
+                    ("s1", _prompt(17, 51), _greedy(12, logprobs=5)),
+                    ("s2", _prompt(10, 54), SamplingParams(temperature=0.8, seed=3,
+                                                           max_tokens=12, ignore_eos=True))]
+        config = dict(ENGINE, speculative_method="draft", num_speculative_tokens=3,
+                      draft_model=models["gemma1-mqa"][0])
     single = generate(models["gemma3-gqa"][0], 1, requests, **config)
     sharded = generate(models["gemma3-gqa"][0], 2, requests, **config)
     print(f"{method}: {sharded['stats']}")
     assert sharded["stats"].spec_num_drafts > 0
     assert single["stats"] == sharded["stats"]
     assert_same_outputs(single["outputs"], sharded["outputs"])
+    if method == "ngram":
+        assert sharded["step_buffer_grew"]
 
 
 def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
