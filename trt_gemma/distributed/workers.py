@@ -89,12 +89,14 @@ class WorkerPool:
 
     def terminate(self) -> None:
         """Stop the workers still running (each by its own pid)."""
-        for p in self.processes:
-            if p.is_alive() and p.pid != os.getpid():
-                p.terminate()
+        live = [p for p in self.processes if p.is_alive() and p.pid != os.getpid()]
+        for p in live:
+            p.terminate()
+        for p in live:
+            p.join(2)
+            if p.is_alive():  # ignores SIGTERM (stopped, or stuck in native code)
+                p.kill()
                 p.join(5)
-                if p.is_alive():
-                    p.kill()
 
 
 def run_ranks(launch: LaunchConfig, fn: Callable[..., Any], *args: Any) -> Any:
