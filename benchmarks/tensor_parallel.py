@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -34,16 +33,13 @@ def prompts(n: int) -> list[str]:
     return out[:n]
 
 
-def cpu_flags() -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return (f"{model or platform.processor()}, torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
+def machine() -> dict:
+    """The CPU (model, cores, ISA flags) and torch's view of it, recorded with every figure."""
+    from trt_gemma.bench.report import cpu_info
+
+    return {**cpu_info(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def run_size(args, size: int, texts: list[str]) -> tuple[dict, list[list[int]]]:
@@ -100,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
 
     texts = prompts(args.num_prompts)
-    machine = cpu_flags()
+    where = machine()
     results, reference = [], None
     for size in args.sizes:
         record, tokens = run_size(args, size, texts)
@@ -120,7 +116,7 @@ def main() -> None:
     first = results[0]["output_tokens_per_s"]
     for r in results:
         r["throughput_vs_first_size"] = round(r["output_tokens_per_s"] / first, 3)
-    out = {"benchmark": "tensor_parallel", "date": date.today().isoformat(), "machine": machine,
+    out = {"benchmark": "tensor_parallel", "date": date.today().isoformat(), "machine": where,
            "source": args.source, "dtype": args.dtype, "num_prompts": len(texts),
            "max_tokens": args.max_tokens, "results": results}
     if args.output_json:

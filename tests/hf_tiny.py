@@ -46,12 +46,14 @@ TINY_VARIANTS = {
 }
 
 
-def make_tiny_hf_model(variant: str, seed: int = 0):
+def make_tiny_hf_model(variant: str, seed: int = 0, vocab_size: int | None = None):
     """A transformers model with random weights (norm weights randomised too, so (1+w) matters)."""
     import transformers
 
     cfg_name, model_name, extra = TINY_VARIANTS[variant]
     kwargs = {**TINY_COMMON, **extra}
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
     config = getattr(transformers, cfg_name)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -63,7 +65,18 @@ def make_tiny_hf_model(variant: str, seed: int = 0):
     return model
 
 
-def save_tiny_checkpoint(variant: str, directory: Path, dtype=torch.float32, seed: int = 0):
-    model = make_tiny_hf_model(variant, seed)
+def save_tiny_checkpoint(variant: str, directory: Path, dtype=torch.float32, seed: int = 0,
+                         vocab_size: int | None = None):
+    model = make_tiny_hf_model(variant, seed, vocab_size)
     model.to(dtype).save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def save_tiny_with_tokenizer(variant: str, directory: Path, vocab_size: int):
+    """An fp32 tiny checkpoint of ``vocab_size`` tokens with a character tokenizer that fits it
+    (a source every command can load); returns the transformers model."""
+    from conftest import save_char_tokenizer
+
+    model = save_tiny_checkpoint(variant, Path(directory), vocab_size=vocab_size)
+    save_char_tokenizer(Path(directory), vocab_size)
     return model

@@ -1,5 +1,6 @@
-"""``bench throughput --peer URL`` and ``bench latency --peer URL``: our own server on the tiny checkpoint as the peer of a run on
-the same checkpoint, and an unreachable URL refused before our run starts.
+"""``bench throughput --peer URL`` and ``bench latency --peer URL``: our own server on the tiny
+checkpoint as the peer of a run on the same checkpoint, and an unreachable URL refused before our
+run starts.
 
 The independent references: the token counts we asked for (num_requests * output_len, greedy
 with ignore_eos), the server's own ``usage``, and the two sides' figures as written to the JSON

@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 import tp_ranks
-from conftest import save_char_tokenizer
-from hf_tiny import TINY_COMMON, TINY_VARIANTS
+from hf_tiny import save_tiny_with_tokenizer
 
 from trt_gemma.config import GemmaConfig
 from trt_gemma.distributed.group import RankFailure, TensorParallel, close_tensor_parallel
@@ -39,24 +38,6 @@ ENGINES = {"none": {}, "fp8": {}, "int4": {"group_size": 32}}  # built from gemm
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _save_variant(variant: str, directory, vocab: int):
-    """hf_tiny's model with another vocabulary size (random norms as there)."""
-    import transformers
-
-    cfg_name, model_name, extra = TINY_VARIANTS[variant]
-    config = getattr(transformers, cfg_name)(**{**TINY_COMMON, **extra, "vocab_size": vocab})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(directory, safe_serialization=True)
-    save_char_tokenizer(directory, vocab)
-    return model
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """{name: (path, transformers logits of IDS or None)} for the HF dirs and the engines."""
@@ -65,7 +46,7 @@ def sources(tmp_path_factory):
     out = {}
     for variant, vocab in VARIANTS.items():
         path = tmp_path_factory.mktemp(variant)
-        model = _save_variant(variant, path, vocab)
+        model = save_tiny_with_tokenizer(variant, path, vocab)
         with torch.no_grad():
             out[variant] = (str(path), model(torch.tensor([IDS])).logits[0])
     for quant, extra in ENGINES.items():

@@ -17,8 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_char_tokenizer
-from hf_tiny import TINY_COMMON, TINY_VARIANTS
+from hf_tiny import save_tiny_with_tokenizer
 
 from trt_gemma.cli import main
 from trt_gemma.errors import ConfigError
@@ -32,20 +31,8 @@ TEXT = "A small text to score: the quick brown fox jumps over the lazy dog, twic
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(directory, transformers model) of a tiny random Gemma 3 (4 heads, 2 KV heads)."""
-    import transformers
-
-    cfg_name, model_name, extra = TINY_VARIANTS["gemma3-gqa"]
-    config = getattr(transformers, cfg_name)(**{**TINY_COMMON, **extra, "vocab_size": VOCAB})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
     directory = tmp_path_factory.mktemp("tp-commands")
-    model.save_pretrained(directory, safe_serialization=True)
-    save_char_tokenizer(directory, VOCAB)
+    model = save_tiny_with_tokenizer("gemma3-gqa", directory, VOCAB)
     return directory, model
 
 

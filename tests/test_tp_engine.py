@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tensor_parallel import _save_variant
+from hf_tiny import save_tiny_with_tokenizer
 
 from trt_gemma.distributed.group import RankFailure
 from trt_gemma.errors import ConfigError
@@ -148,7 +148,7 @@ def models(tmp_path_factory) -> dict[str, tuple[str, object]]:
     out = {}
     for variant in VARIANTS:
         path = tmp_path_factory.mktemp(variant)
-        out[variant] = (str(path), _save_variant(variant, path, VOCAB))
+        out[variant] = (str(path), save_tiny_with_tokenizer(variant, path, VOCAB))
     return out
 
 
@@ -320,6 +320,12 @@ def test_speculative_decoding_tp2_equals_tp1(models, method):
         assert sharded["step_buffer_grew"]
 
 
+def _shutdown_seconds(engine) -> float:
+    t0 = time.perf_counter()
+    engine.shutdown()
+    return time.perf_counter() - t0
+
+
 def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
     """SIGKILL the worker mid-generation: the next steps raise RankFailure within seconds (gloo
     sees the closed connection), ``shutdown`` then returns promptly and no worker is left."""
@@ -343,9 +349,7 @@ def test_a_killed_worker_fails_the_step_and_shutdown_is_prompt(models):
         assert "rank" in str(failure.value) and "died" in str(failure.value)
         assert "\n" not in str(failure.value)
     finally:
-        t0 = time.perf_counter()
-        engine.shutdown()
-        seconds = time.perf_counter() - t0
+        seconds = _shutdown_seconds(engine)
     print(f"shutdown after the failure: {seconds:.2f} s")
     assert seconds < 5
     assert all(not p.is_alive() and p.exitcode is not None for p in pool.processes)
@@ -380,9 +384,7 @@ def test_an_error_inside_a_step_then_shutdown_is_prompt(models, two_threads):
             engine.step()
         assert time.perf_counter() - t0 < 1
     finally:
-        t0 = time.perf_counter()
-        engine.shutdown()
-        seconds = time.perf_counter() - t0
+        seconds = _shutdown_seconds(engine)
     print(f"shutdown after an error inside a step: {seconds:.2f} s")
     assert seconds < 5
     assert torch.get_num_threads() == 2
