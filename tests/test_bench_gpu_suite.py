@@ -246,3 +246,16 @@ def test_model_steps_on_a_one_layer_model(tmp_path, monkeypatch):
     for rec, name in ((tp, "throughput-gemma-3-270m-int4"), (lat, "latency-gemma-3-270m-fp8")):
         assert rec["plot"] == str(tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensor_parallel_step_only_with_two_or_more_gpus():
+    """One GPU (or none): no tensor-parallel step; two or more: it runs after the kernels, over
+    the sizes the visible GPUs allow (1, 2, 4: the 270M's 4 query heads divide by them)."""
+    one = [s.name for s in plan(["gemma-2b"], ["none"], gpus=1)]
+    two = [s.name for s in plan(["gemma-2b"], ["none"], gpus=2)]
+    assert "tensor-parallel" not in one
+    assert two == one[:3] + ["tensor-parallel"] + one[3:]
+    assert gpu_suite.tensor_parallel_sizes(1) == [1]
+    assert gpu_suite.tensor_parallel_sizes(2) == [1, 2]
+    assert gpu_suite.tensor_parallel_sizes(3) == [1, 2]
+    assert gpu_suite.tensor_parallel_sizes(8) == [1, 2, 4]

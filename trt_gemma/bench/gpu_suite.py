@@ -7,6 +7,9 @@ Whoever is lent a GPU for a few minutes runs one command and leaves one JSON beh
 2. ``cuda-graph``: the same greedy requests through an engine with CUDA graphs
    (``enforce_eager=False``) and one without, on one random-weights model: token ids must match;
 3. ``kernels``: ``benchmarks/kernels.py`` (attention kernels vs SDPA, GB/s, roofline fractions);
+   then, only where 2+ GPUs are visible, ``tensor-parallel``: ``benchmarks/tensor_parallel.py``
+   on the real Gemma 3 270M in bf16 over 1, 2 (and 4) GPUs (NCCL): tokens against one GPU,
+   per-rank memory, throughput;
 4. ``throughput`` and ``latency`` per preset and quant mode, random weights (quantized in memory
    with ``trt_gemma.quant``: FP8 per-channel, INT4 RTN g128; INT4-AWQ needs calibration on text).
 
@@ -48,8 +51,8 @@ QUANT_NOTES = {
 }
 # Fixed estimates (seconds) and, for model steps, seconds per GB of weights (random weights made
 # and quantized on the GPU, Triton compilation for the step's shapes, then the run itself).
-BASE_S = {"gpu-tests": 150.0, "cuda-graph": 45.0, "kernels": 60.0, "throughput": 25.0,
-          "latency": 20.0}
+BASE_S = {"gpu-tests": 150.0, "cuda-graph": 45.0, "kernels": 60.0, "tensor-parallel": 90.0,
+          "throughput": 25.0, "latency": 20.0}
 PER_GB_S = {"throughput": 2.0, "latency": 1.5}
 BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "int4": 0.5}
 THROUGHPUT = {"num_requests": 64, "input_len": 128, "output_len": 128}
@@ -62,7 +65,7 @@ NO_CUDA = "no CUDA device: gpu-suite measures a GPU; see --dry-run"
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # gpu-tests | cuda-graph | kernels | throughput | latency
+    kind: str  # gpu-tests | cuda-graph | kernels | tensor-parallel | throughput | latency
     estimate_s: float  # how long it is expected to take; compared with the time left
     preset: str | None = None  # model shapes, for throughput / latency
     quant: str | None = None  # none | fp8 | int4, for throughput / latency
@@ -78,8 +81,10 @@ def weight_gb(preset_name: str, quant: str) -> float:
     return preset(preset_name).num_parameters() * BYTES_PER_PARAM[quant] / 1e9
 
 
-def plan(presets: list[str], quants: list[str]) -> list[Step]:
-    steps = [Step(kind, BASE_S[kind]) for kind in ("gpu-tests", "cuda-graph", "kernels")]
+def plan(presets: list[str], quants: list[str], gpus: int = 1) -> list[Step]:
+    """The steps in order; ``tensor-parallel`` only with ``gpus`` >= 2."""
+    kinds = ["gpu-tests", "cuda-graph", "kernels"] + (["tensor-parallel"] if gpus >= 2 else [])
+    steps = [Step(kind, BASE_S[kind]) for kind in kinds]
     for p in presets:
         for q in quants:
             for kind in ("throughput", "latency"):
@@ -340,6 +345,34 @@ def run_kernels(step: Step, left: float, out_path: Path) -> dict:
             "peaks": data["peaks"], "best_roofline": best, "results": data["results"]}
 
 
+def tensor_parallel_sizes(gpus: int) -> list[int]:
+    """1, 2 and 4 where that many GPUs are visible (the 270M's 4 query heads divide by them)."""
+    return [n for n in (1, 2, 4) if n <= gpus]
+
+
+def run_tensor_parallel(step: Step, left: float, out_path: Path, gpus: int) -> dict:
+    import json
+
+    script = ROOT / "benchmarks" / "tensor_parallel.py"
+    if not script.is_file():
+        return {"status": "skipped", "why": f"{script} not found (no source tree)"}
+    out_path = out_path.resolve()
+    out_path.unlink(missing_ok=True)
+    timeout = min(left, 2 * step.estimate_s)
+    sizes = [str(n) for n in tensor_parallel_sizes(gpus)]
+    cmd = [sys.executable, str(script), "--device", "cuda", "--dtype", "bfloat16", "--sizes",
+           *sizes, "--kv-cache-mib", "1024", "--output-json", str(out_path)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_real_kernels_env(), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0 or not out_path.is_file():
+        return {"status": "failed", "returncode": proc.returncode,
+                "output_tail": (proc.stdout + proc.stderr)[-3000:]}
+    return {"json": str(out_path), **json.loads(out_path.read_text())}
+
+
 def run_throughput(step: Step, left: float, plot_dir: Path, device: str = "cuda") -> dict:
     from trt_gemma.bench import report, runner, throughput
     from trt_gemma.bench.commands import _engine_record, _telemetry
@@ -410,19 +443,17 @@ def run(args: argparse.Namespace, cuda_available: Callable[[], bool] | None = No
         raise ConfigError(f"--minutes must be > 0, got {args.minutes}")
     presets = parse_list(args.presets, None, "--presets")
     quants = parse_list(args.quant, QUANT_MODES, "--quant")
-    steps = plan(presets, quants)
+    import torch
+
+    steps = plan(presets, quants, torch.cuda.device_count() if torch.cuda.is_available() else 1)
     budget_s = args.minutes * 60
     if args.dry_run:
         print(format_plan(steps, budget_s, args.output_dir))
         return 0
     if cuda_available is None:
-        import torch
-
         cuda_available = torch.cuda.is_available
     if not cuda_available():
         raise ConfigError(NO_CUDA)
-    import torch
-
     from trt_gemma.bench import report
 
     name = torch.cuda.get_device_name()
@@ -434,6 +465,8 @@ def run(args: argparse.Namespace, cuda_available: Callable[[], bool] | None = No
         "gpu-tests": run_gpu_tests,
         "cuda-graph": run_cuda_graph_check,
         "kernels": lambda s, left: run_kernels(s, left, plot_dir / "kernels.json"),
+        "tensor-parallel": lambda s, left: run_tensor_parallel(
+            s, left, plot_dir / "tensor_parallel.json", torch.cuda.device_count()),
         "throughput": lambda s, left: run_throughput(s, left, plot_dir),
         "latency": lambda s, left: run_latency(s, left, plot_dir),
     }
