@@ -315,25 +315,35 @@ def _real_kernels_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def run_kernels(step: Step, left: float, out_path: Path) -> dict:
+def _run_script(step: Step, left: float, name: str, args: list[str], out_path: Path) -> dict:
+    """``benchmarks/NAME ARGS`` in a subprocess (real kernels, not the interpreter), bounded by
+    the step's time; {"data": its JSON at out_path} or a failed / skipped record."""
     import json
 
-    script = ROOT / "benchmarks" / "kernels.py"
+    script = ROOT / "benchmarks" / name
     if not script.is_file():
         return {"status": "skipped", "why": f"{script} not found (no source tree)"}
-    out_path = out_path.resolve()  # the subprocess runs in the source tree
-    out_path.unlink(missing_ok=True)  # never read an earlier run's file
     timeout = min(left, 2 * step.estimate_s)
-    cmd = [sys.executable, str(script), *KERNEL_ARGS, "--out", str(out_path)]
+    out_path.unlink(missing_ok=True)  # never read an earlier run's file
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_real_kernels_env(), capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT,
+                              env=_real_kernels_env(), capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0 or not out_path.is_file():
         return {"status": "failed", "returncode": proc.returncode,
                 "output_tail": (proc.stdout + proc.stderr)[-3000:]}
-    data = json.loads(out_path.read_text())
+    return {"data": json.loads(out_path.read_text())}
+
+
+def run_kernels(step: Step, left: float, out_path: Path) -> dict:
+    out_path = out_path.resolve()  # the subprocess runs in the source tree
+    ran = _run_script(step, left, "kernels.py", [*KERNEL_ARGS, "--out", str(out_path)],
+                      out_path)
+    if "data" not in ran:
+        return ran
+    data = ran["data"]
     best = {}
     for r in data["results"]:
         k = r["kernel"]
@@ -351,26 +361,14 @@ def tensor_parallel_sizes(gpus: int) -> list[int]:
 
 
 def run_tensor_parallel(step: Step, left: float, out_path: Path, gpus: int) -> dict:
-    import json
-
-    script = ROOT / "benchmarks" / "tensor_parallel.py"
-    if not script.is_file():
-        return {"status": "skipped", "why": f"{script} not found (no source tree)"}
     out_path = out_path.resolve()
-    out_path.unlink(missing_ok=True)
-    timeout = min(left, 2 * step.estimate_s)
     sizes = [str(n) for n in tensor_parallel_sizes(gpus)]
-    cmd = [sys.executable, str(script), "--device", "cuda", "--dtype", "bfloat16", "--sizes",
-           *sizes, "--kv-cache-mib", "1024", "--output-json", str(out_path)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_real_kernels_env(), capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "why": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0 or not out_path.is_file():
-        return {"status": "failed", "returncode": proc.returncode,
-                "output_tail": (proc.stdout + proc.stderr)[-3000:]}
-    return {"json": str(out_path), **json.loads(out_path.read_text())}
+    args = ["--device", "cuda", "--dtype", "bfloat16", "--sizes", *sizes, "--kv-cache-mib",
+            "1024", "--output-json", str(out_path)]
+    ran = _run_script(step, left, "tensor_parallel.py", args, out_path)
+    if "data" not in ran:
+        return ran
+    return {"json": str(out_path), **ran["data"]}
 
 
 def run_throughput(step: Step, left: float, plot_dir: Path, device: str = "cuda") -> dict:

@@ -60,6 +60,18 @@ def check_devices(device: torch.device, size: int) -> None:
                           "(gloo)")
 
 
+def share_cpu_threads(device: torch.device, size: int) -> tuple[int, int]:
+    """On CPU the ranks share this machine's cores: this process (rank 0) keeps 1/size of its
+    torch threads, as each worker gets. (threads per rank, the caller's count before; 0 when
+    nothing changed, on CUDA)."""
+    if device.type != "cpu":
+        return 1, 0
+    caller_threads = torch.get_num_threads()
+    threads = max(1, caller_threads // size)
+    torch.set_num_threads(threads)
+    return threads, caller_threads
+
+
 class EngineRanks:
     """Rank 0's handle on the worker processes of ranks 1..N-1."""
 
@@ -104,11 +116,7 @@ def start_engine(source: str | Path, dtype, device, verify: bool, config):
     from trt_gemma.distributed.shard import check_shardable
 
     check_shardable(source_config(source), size)  # before any process starts
-    threads, caller_threads = 1, 0
-    if device.type == "cpu":  # the ranks share this machine's cores (until shutdown)
-        caller_threads = torch.get_num_threads()
-        threads = max(1, caller_threads // size)
-        torch.set_num_threads(threads)
+    threads, caller_threads = share_cpu_threads(device, size)  # until shutdown
     launch = LaunchConfig(size, device.type, timeout_s=config.tensor_parallel_timeout_s,
                           threads=threads)
     pool = WorkerPool(launch, _rank_main, (str(source), dtype, device.type, verify, config))

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from trt_gemma.distributed.engine_ranks import check_devices, rank_device, source_config
+from trt_gemma.distributed.engine_ranks import (
+    check_devices,
+    rank_device,
+    share_cpu_threads,
+    source_config,
+)
 from trt_gemma.distributed.group import TensorParallel
 from trt_gemma.distributed.shard import check_shardable
 from trt_gemma.distributed.workers import LaunchConfig, run_ranks
@@ -35,10 +40,7 @@ def tensor_parallel_perplexity(job: EvalJob, size: int, timeout_s: float | None 
     device = torch.device(job.device)
     check_devices(device, size)
     check_shardable(source_config(job.source), size)  # before any process starts
-    threads = 1
-    if device.type == "cpu":  # the ranks share this machine's cores
-        threads = max(1, torch.get_num_threads() // size)
-        torch.set_num_threads(threads)
+    threads, _ = share_cpu_threads(device, size)
     extra = {} if timeout_s is None else {"timeout_s": timeout_s}
     return run_ranks(LaunchConfig(size, device.type, threads=threads, **extra), _score, job)
 
